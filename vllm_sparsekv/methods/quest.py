@@ -1,0 +1,34 @@
+"""Quest (Tang et al., 2024): per-page element-wise key min/max; a page's score is the upper bound
+sum_d max(q_d * min_d, q_d * max_d) on any of its keys' logits, summed over the GQA group."""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_sparsekv import kernels
+from vllm_sparsekv.methods.base import PageSelector, register
+
+
+@register("quest")
+class QuestSelector(PageSelector):
+    # Where the bounds live: a side tensor [num_blocks, Hkv, 2, D] indexed by the *physical*
+    # block id. Bounds describe a block's content, so blocks shared through prefix caching share
+    # them; they are recomputed from the cache for every block a write touches (offset 0 .. last
+    # written), so a block reused after free, or filled over several chunked-prefill steps, is
+    # always summarised from its current tokens only. Writes that bypass do_kv_cache_update
+    # (copy-on-write of partial blocks, KV-connector loads) are refused at startup instead.
+    bounds: torch.Tensor | None = None
+
+    def allocate(self, num_blocks, dtype, device):
+        g = self.geometry
+        self.bounds = torch.zeros(num_blocks, g.num_kv_heads, 2, g.head_size, dtype=dtype, device=device)
+
+    def side_bytes_per_block(self, dtype):
+        g = self.geometry
+        return 2 * g.num_kv_heads * g.head_size * torch.empty(0, dtype=dtype).element_size()
+
+    def on_kv_write(self, key, key_cache, slot_mapping):
+        kernels.page_bounds_update(key_cache, slot_mapping, self.bounds)
+
+    def score_pages(self, query, key_cache, block_table, seq_lens, max_pages):
+        return kernels.quest_page_scores(query, self.bounds, block_table, seq_lens, max_pages)

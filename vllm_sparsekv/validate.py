@@ -1,0 +1,38 @@
+"""Startup checks: the sparsekv config and what the model/engine asks of the backend.
+
+Runs in the process that creates the engine config, before any worker starts, so a bad setting
+stops `vllm serve` / `LLM(...)` with a message naming the option instead of failing mid-serve.
+"""
+
+from __future__ import annotations
+
+from vllm_sparsekv.config import SparseKVConfigError, load_config
+
+
+def validate_engine_config(vllm_config) -> None:
+    load_config(vllm_config.additional_config)  # raises SparseKVConfigError naming the field
+    problems = []
+    model = vllm_config.model_config
+    if model is not None:
+        if getattr(model, "use_mla", False):
+            problems.append("MLA attention (DeepSeek-style latent KV) is not supported")
+        if getattr(model, "is_encoder_decoder", False):
+            problems.append("encoder-decoder models are not supported")
+        window = model.get_sliding_window() if hasattr(model, "get_sliding_window") else None
+        if window:
+            problems.append(f"sliding-window attention (window {window}) is not supported")
+    cache = vllm_config.cache_config
+    if cache is not None and str(cache.cache_dtype).startswith("fp8"):
+        problems.append(f"kv_cache_dtype={cache.cache_dtype!r} is not supported; allowed: auto")
+    unit = getattr(cache, "prefix_match_unit", None)
+    if unit is not None and cache.block_size and unit != cache.block_size:
+        problems.append(
+            f"prefix_match_unit={unit} (finer than the block size) copies partial blocks behind the "
+            "backend's back, which would leave page summaries stale; leave it unset"
+        )
+    if getattr(vllm_config, "kv_transfer_config", None) is not None:
+        problems.append("KV connectors / offloading (kv_transfer_config) write blocks the page summaries never see")
+    if problems:
+        raise SparseKVConfigError(
+            "--attention-backend sparsekv cannot serve this configuration:\n  - " + "\n  - ".join(problems)
+        )
