@@ -1,0 +1,203 @@
+"""Page scoring for decode: Quest bounds and Hamming similarity of hash codes, each aggregated over
+the query heads of a GQA group (every page summary is read once per group)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ._common import HAS_TRITON, cdiv, next_pow2, popcount32
+
+
+def _num_pages(seq_lens: torch.Tensor, block_size: int) -> torch.Tensor:
+    return (seq_lens.long() + block_size - 1) // block_size
+
+
+def _page_blocks(block_table: torch.Tensor, max_pages: int) -> torch.Tensor:
+    """[N, max_pages] long physical block ids (columns past the table's width -> 0)."""
+    bt = block_table[:, :max_pages].long().clamp(min=0)
+    if bt.shape[1] < max_pages:
+        bt = torch.nn.functional.pad(bt, (0, max_pages - bt.shape[1]))
+    return bt
+
+
+def quest_page_scores_ref(q: torch.Tensor, bounds: torch.Tensor, block_table: torch.Tensor,
+                          seq_lens: torch.Tensor, max_pages: int, block_size: int) -> torch.Tensor:
+    """[N, Hkv, max_pages] float32: sum_{h in group} sum_d max(q[h,d]*min[d], q[h,d]*max[d]).
+
+    Uses max(q*lo, q*hi) = relu(q)*hi + min(q,0)*lo (valid for lo <= hi), so the group sum is two
+    [D]-vectors per KV head against each page's bounds: one read of every summary per group."""
+    N, Hq, D = q.shape
+    Hkv = bounds.shape[1]
+    G = Hq // Hkv
+    qf = q.float().reshape(N, Hkv, G, D)
+    qpos = qf.clamp(min=0).sum(2)  # [N, Hkv, D]
+    qneg = qf.clamp(max=0).sum(2)
+    b = bounds[_page_blocks(block_table, max_pages)].float()  # [N, P, Hkv, 2, D]
+    sc = torch.einsum("nhd,nphd->nhp", qpos, b[:, :, :, 1]) + torch.einsum("nhd,nphd->nhp", qneg, b[:, :, :, 0])
+    p = torch.arange(max_pages, device=q.device)
+    return sc.masked_fill(p[None, None, :] >= _num_pages(seq_lens, block_size)[:, None, None], float("-inf"))
+
+
+def hash_page_scores_ref(q_codes: torch.Tensor, codes: torch.Tensor, block_table: torch.Tensor,
+                         seq_lens: torch.Tensor, max_pages: int, reduce: str = "max") -> torch.Tensor:
+    """[N, Hkv, max_pages] float32: per token sum_{h in group} (bits - popcount(q ^ k)), reduced
+    (max or sum) over the page's valid tokens; -inf for p >= num_pages."""
+    assert reduce in ("max", "sum")
+    N, Hq, W = q_codes.shape
+    _, bs, Hkv, _ = codes.shape
+    G = Hq // Hkv
+    bits = 32 * W
+    qc = q_codes.reshape(N, 1, 1, Hkv, G, W)
+    bt = _page_blocks(block_table, max_pages)
+    npg = _num_pages(seq_lens, bs)
+    out = torch.empty(N, max_pages, Hkv, dtype=torch.float32, device=codes.device)
+    off = torch.arange(bs, device=codes.device)
+    # chunk over pages to bound the [N, chunk, bs, Hkv, G, W] intermediate
+    chunk = max(1, (1 << 24) // max(1, N * bs * Hkv * G * W))
+    for p0 in range(0, max_pages, chunk):
+        p1 = min(max_pages, p0 + chunk)
+        kc = codes[bt[:, p0:p1]]  # [N, c, bs, Hkv, W]
+        ham = popcount32(kc.unsqueeze(4) ^ qc).sum((-1, -2))  # [N, c, bs, Hkv]
+        sim = (G * bits - ham).float()
+        pos = torch.arange(p0, p1, device=codes.device)[:, None] * bs + off[None, :]  # [c, bs]
+        valid = (pos[None] < seq_lens.long()[:, None, None])[..., None]  # [N, c, bs, 1]
+        if reduce == "max":
+            out[:, p0:p1] = sim.masked_fill(~valid, float("-inf")).amax(2)
+        else:
+            out[:, p0:p1] = sim.masked_fill(~valid, 0.0).sum(2)
+    out = out.permute(0, 2, 1)
+    p = torch.arange(max_pages, device=codes.device)
+    return out.masked_fill(p[None, None, :] >= npg[:, None, None], float("-inf")).contiguous()
+
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+    from triton.language.extra import libdevice
+
+    @triton.jit
+    def _quest_kernel(
+        q_ptr, b_ptr, bt_ptr, sl_ptr, out_ptr,
+        s_qn, s_qh, s_qd,
+        s_bb, s_bh, s_bm, s_bd,
+        s_btn, s_btp,
+        s_on, s_oh, s_op,
+        P, D, MAXB,
+        BS: tl.constexpr, G: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        h = tl.program_id(0)  # KV head fastest: neighbouring programs share cache lines of a block
+        pc = tl.program_id(1)
+        n = tl.program_id(2)
+        d = tl.arange(0, BLOCK_D)
+        dm = d < D
+        qpos = tl.zeros([BLOCK_D], dtype=tl.float32)
+        qneg = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for g in tl.static_range(G):
+            qv = tl.load(q_ptr + n * s_qn + (h * G + g) * s_qh + d * s_qd, mask=dm, other=0.0).to(tl.float32)
+            qpos += tl.maximum(qv, 0.0)
+            qneg += tl.minimum(qv, 0.0)
+        seq = tl.load(sl_ptr + n)
+        npages = (seq + BS - 1) // BS
+        p = pc * BLOCK_P + tl.arange(0, BLOCK_P)
+        pv = (p < npages) & (p < P) & (p < MAXB)
+        blk = tl.load(bt_ptr + n * s_btn + p * s_btp, mask=pv, other=0).to(tl.int64)
+        base = b_ptr + blk[:, None] * s_bb + h * s_bh + d[None, :] * s_bd
+        m2 = pv[:, None] & dm[None, :]
+        lo = tl.load(base, mask=m2, other=0.0).to(tl.float32)
+        hi = tl.load(base + s_bm, mask=m2, other=0.0).to(tl.float32)
+        sc = tl.sum(qpos[None, :] * hi + qneg[None, :] * lo, axis=1)
+        sc = tl.where(p < npages, sc, float("-inf"))
+        tl.store(out_ptr + n * s_on + h * s_oh + p * s_op, sc, mask=p < P)
+
+    @triton.jit
+    def _popc(x, HW_POPC: tl.constexpr):
+        if HW_POPC:
+            return libdevice.popc(x)
+        else:
+            u = x.to(tl.uint32, bitcast=True)
+            u = u - ((u >> 1) & 0x55555555)
+            u = (u & 0x33333333) + ((u >> 2) & 0x33333333)
+            u = (u + (u >> 4)) & 0x0F0F0F0F
+            u = u + (u >> 8)
+            u = u + (u >> 16)
+            return (u & 0x3F).to(tl.int32)
+
+    @triton.jit
+    def _hash_kernel(
+        qc_ptr, c_ptr, bt_ptr, sl_ptr, out_ptr,
+        s_qn, s_qh, s_qw,
+        s_cb, s_ct, s_ch, s_cw,
+        s_btn, s_btp,
+        s_on, s_oh, s_op,
+        P, MAXB,
+        BS: tl.constexpr, G: tl.constexpr, W: tl.constexpr, W_PAD: tl.constexpr,
+        PAGES: tl.constexpr, REDUCE_MAX: tl.constexpr, HW_POPC: tl.constexpr,
+    ):
+        h = tl.program_id(0)
+        pc = tl.program_id(1)
+        n = tl.program_id(2)
+        seq = tl.load(sl_ptr + n)
+        npages = (seq + BS - 1) // BS
+        p = pc * PAGES + tl.arange(0, PAGES)
+        pv = (p < npages) & (p < P) & (p < MAXB)
+        blk = tl.load(bt_ptr + n * s_btn + p * s_btp, mask=pv, other=0).to(tl.int64)
+        o = tl.arange(0, BS)
+        w = tl.arange(0, W_PAD)
+        tv = pv[:, None] & ((p[:, None] * BS + o[None, :]) < seq)  # [PAGES, BS]
+        m3 = tv[:, :, None] & (w < W)[None, None, :]
+        kc = tl.load(c_ptr + blk[:, None, None] * s_cb + o[None, :, None] * s_ct + h * s_ch + w[None, None, :] * s_cw,
+                     mask=m3, other=0)
+        ham = tl.zeros([PAGES, BS], dtype=tl.int32)
+        for g in tl.static_range(G):
+            qw = tl.load(qc_ptr + n * s_qn + (h * G + g) * s_qh + w * s_qw, mask=w < W, other=0)
+            ham += tl.sum(_popc(kc ^ qw[None, None, :], HW_POPC), axis=2)  # padded words: 0 ^ 0
+        sim = (G * W * 32 - ham).to(tl.float32)
+        if REDUCE_MAX:
+            sc = tl.max(tl.where(tv, sim, float("-inf")), axis=1)
+        else:
+            sc = tl.sum(tl.where(tv, sim, 0.0), axis=1)
+        sc = tl.where(p < npages, sc, float("-inf"))
+        tl.store(out_ptr + n * s_on + h * s_oh + p * s_op, sc, mask=p < P)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def quest_page_scores_triton(q, bounds, block_table, seq_lens, max_pages, block_size):
+    N, Hq, D = q.shape
+    Hkv = bounds.shape[1]
+    out = torch.empty(N, Hkv, max_pages, dtype=torch.float32, device=q.device)
+    if N == 0 or max_pages == 0:
+        return out
+    BLOCK_D = next_pow2(max(D, 16))
+    BLOCK_P = max(8, min(64, 8192 // BLOCK_D))
+    grid = (Hkv, cdiv(max_pages, BLOCK_P), N)
+    _quest_kernel[grid](
+        q, bounds, block_table, seq_lens, out,
+        *q.stride(), *bounds.stride(), *block_table.stride(), *out.stride(),
+        max_pages, D, block_table.shape[1],
+        BS=block_size, G=Hq // Hkv, BLOCK_P=BLOCK_P, BLOCK_D=BLOCK_D, num_warps=4,
+    )
+    return out
+
+
+def hash_page_scores_triton(q_codes, codes, block_table, seq_lens, max_pages, reduce="max"):
+    assert reduce in ("max", "sum")
+    N, Hq, W = q_codes.shape
+    _, bs, Hkv, _ = codes.shape
+    out = torch.empty(N, Hkv, max_pages, dtype=torch.float32, device=codes.device)
+    if N == 0 or max_pages == 0:
+        return out
+    PAGES = max(1, 256 // bs)
+    grid = (Hkv, cdiv(max_pages, PAGES), N)
+    _hash_kernel[grid](
+        q_codes, codes, block_table, seq_lens, out,
+        *q_codes.stride(), *codes.stride(), *block_table.stride(), *out.stride(),
+        max_pages, block_table.shape[1],
+        BS=bs, G=Hq // Hkv, W=W, W_PAD=next_pow2(W), PAGES=PAGES,
+        REDUCE_MAX=(reduce == "max"), HW_POPC=not _interpreting(), num_warps=4,
+    )
+    return out

@@ -1,0 +1,162 @@
+"""Top-k page selection per (request, KV head) with forced sink/recent pages, per-head budgets,
+a fixed k_max (static shape, padded with -1), output in ascending page order."""
+
+from __future__ import annotations
+
+import torch
+
+from ._common import HAS_TRITON, next_pow2
+
+
+def _select_common(scores, seq_lens, block_size, budget_pages, sink_pages, recent_pages, k_max):
+    N, Hkv, P = scores.shape
+    npg = ((seq_lens.long() + block_size - 1) // block_size).clamp(max=P)[:, None]  # [N, 1]
+    nforced = torch.clamp(npg, max=sink_pages + recent_pages)
+    k = torch.minimum(torch.maximum(budget_pages.long(), nforced), npg).clamp(max=k_max)  # [N, Hkv]
+    return npg, k
+
+
+def select_pages_ref(scores: torch.Tensor, seq_lens: torch.Tensor, block_size: int, budget_pages: torch.Tensor,
+                     sink_pages: int, recent_pages: int, k_max: int):
+    """-> (page_idx [N, Hkv, k_max] int32 ascending, -1 padded; num_selected [N, Hkv] int32).
+
+    k = min(max(budget, forced), num_pages, k_max). Ranking: forced pages first (the first
+    sink_pages and last recent_pages pages), then by score (NaN counts as -inf), ties to the lower
+    page index; the k best are written in ascending page order. (Forced pages beyond k_max: the
+    lower page indices win.)"""
+    N, Hkv, P = scores.shape
+    dev = scores.device
+    npg, k = _select_common(scores, seq_lens, block_size, budget_pages, sink_pages, recent_pages, k_max)
+    p = torch.arange(P, device=dev)[None, None, :]
+    n3 = npg[:, :, None]
+    valid = p < n3
+    forced = (((p < sink_pages) | (p >= n3 - recent_pages)) & valid).expand(N, Hkv, P)
+    sc = scores.float().nan_to_num(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+    # invalid pages: below every valid page, even a valid -inf (stable sort keeps lower index first)
+    sc = sc.masked_fill(~valid, float("-inf")).masked_fill(forced, float("inf"))  # forced: by index
+    order = torch.sort(sc, dim=-1, descending=True, stable=True).indices
+    f_sorted = torch.gather(forced, -1, order).to(torch.int8)
+    order = torch.gather(order, -1, torch.sort(f_sorted, dim=-1, descending=True, stable=True).indices)
+    kk = min(k_max, P)
+    top = order[..., :kk]
+    rank = torch.arange(kk, device=dev)[None, None, :]
+    big = P + 1
+    top = torch.where(rank < k[:, :, None], top, big)
+    top = torch.sort(top, dim=-1).values
+    top = torch.where(top == big, -1, top)
+    page_idx = torch.full((N, Hkv, k_max), -1, dtype=torch.int32, device=dev)
+    page_idx[..., :kk] = top.to(torch.int32)
+    return page_idx, k.to(torch.int32)
+
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _keys(s_row, s_op, p, P, npages, sink, recent):
+        """Monotone int32 keys: forced -> INT32_MAX, invalid -> INT32_MIN, NaN -> -inf."""
+        sc = tl.load(s_row + p * s_op, mask=p < P, other=float("-inf")).to(tl.float32)
+        sc = tl.where(sc != sc, float("-inf"), sc)
+        bits = sc.to(tl.int32, bitcast=True)
+        key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+        valid = p < npages
+        forced = ((p < sink) | (p >= npages - recent)) & valid
+        key = tl.where(forced, 2147483647, key)
+        key = tl.where(valid, key, -2147483648)
+        return key
+
+    @triton.jit
+    def _select_kernel(
+        s_ptr, sl_ptr, b_ptr, idx_ptr, num_ptr,
+        s_sn, s_sh, s_sp,
+        s_bn, s_bh,
+        s_in, s_ih, s_ik,
+        P, K_MAX, sink, recent,
+        BS: tl.constexpr, BLOCK: tl.constexpr, NCHUNK: tl.constexpr, KBLOCK: tl.constexpr,
+    ):
+        h = tl.program_id(0)
+        n = tl.program_id(1)
+        seq = tl.load(sl_ptr + n)
+        npages = tl.minimum((seq + BS - 1) // BS, P)
+        budget = tl.load(b_ptr + n * s_bn + h * s_bh).to(tl.int32)
+        nforced = tl.minimum(npages, sink + recent)
+        k = tl.minimum(tl.minimum(tl.maximum(budget, nforced), npages), K_MAX)
+        s_row = s_ptr + n * s_sn + h * s_sh
+        offs = tl.arange(0, BLOCK)
+        # bisection on the key space for T = the k-th largest key: count(key >= T) >= k > count(key > T)
+        lo = tl.zeros([], dtype=tl.int64) - 2147483648
+        hi = tl.zeros([], dtype=tl.int64) + 2147483647
+        if NCHUNK == 1:
+            key = _keys(s_row, s_sp, offs, P, npages, sink, recent)
+            for _ in range(32):
+                mid = (lo + hi + 1) >> 1
+                cnt = tl.sum((key >= mid.to(tl.int32)).to(tl.int32), axis=0)
+                take = cnt >= k
+                lo = tl.where(take, mid, lo)
+                hi = tl.where(take, hi, mid - 1)
+        else:
+            for _ in range(32):
+                mid = (lo + hi + 1) >> 1
+                cnt = tl.zeros([], dtype=tl.int32)
+                for c in range(NCHUNK):
+                    kc = _keys(s_row, s_sp, c * BLOCK + offs, P, npages, sink, recent)
+                    cnt += tl.sum((kc >= mid.to(tl.int32)).to(tl.int32), axis=0)
+                take = cnt >= k
+                lo = tl.where(take, mid, lo)
+                hi = tl.where(take, hi, mid - 1)
+        thr = lo.to(tl.int32)
+        out_row = idx_ptr + n * s_in + h * s_ih
+        if NCHUNK == 1:
+            gt = key > thr
+            need = k - tl.sum(gt.to(tl.int32), axis=0)
+            eq = key == thr
+            eq_rank = tl.cumsum(eq.to(tl.int32), axis=0) - 1
+            sel = gt | (eq & (eq_rank < need))
+            pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
+            tl.store(out_row + pos * s_ik, offs, mask=sel)
+        else:
+            need = k
+            for c in range(NCHUNK):
+                kc = _keys(s_row, s_sp, c * BLOCK + offs, P, npages, sink, recent)
+                need -= tl.sum((kc > thr).to(tl.int32), axis=0)
+            eq_base = 0
+            pos_base = 0
+            for c in range(NCHUNK):
+                p = c * BLOCK + offs
+                kc = _keys(s_row, s_sp, p, P, npages, sink, recent)
+                eq = kc == thr
+                eq_rank = tl.cumsum(eq.to(tl.int32), axis=0) - 1 + eq_base
+                sel = (kc > thr) | (eq & (eq_rank < need))
+                pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1 + pos_base
+                tl.store(out_row + pos * s_ik, p, mask=sel)
+                eq_base += tl.sum(eq.to(tl.int32), axis=0)
+                pos_base += tl.sum(sel.to(tl.int32), axis=0)
+        for k0 in range(0, K_MAX, KBLOCK):
+            kk = k0 + tl.arange(0, KBLOCK)
+            tl.store(out_row + kk * s_ik, tl.full([KBLOCK], -1, tl.int32), mask=(kk >= k) & (kk < K_MAX))
+        tl.store(num_ptr + n * tl.num_programs(0) + h, k)  # num_selected is contiguous [N, Hkv]
+
+
+MAX_SINGLE = 8192
+
+
+def select_pages_triton(scores, seq_lens, block_size, budget_pages, sink_pages, recent_pages, k_max):
+    N, Hkv, P = scores.shape
+    page_idx = torch.empty(N, Hkv, k_max, dtype=torch.int32, device=scores.device)
+    num = torch.empty(N, Hkv, dtype=torch.int32, device=scores.device)
+    if N == 0 or Hkv == 0:
+        return page_idx, num
+    BLOCK = next_pow2(max(P, 16))
+    NCHUNK = 1
+    if BLOCK > MAX_SINGLE:
+        BLOCK = 4096
+        NCHUNK = -(-P // BLOCK)
+    _select_kernel[(Hkv, N)](
+        scores, seq_lens, budget_pages, page_idx, num,
+        *scores.stride(), *budget_pages.stride(), *page_idx.stride(),
+        P, k_max, sink_pages, recent_pages,
+        BS=block_size, BLOCK=BLOCK, NCHUNK=NCHUNK, KBLOCK=min(1024, next_pow2(max(k_max, 16))),
+        num_warps=8 if BLOCK >= 4096 else 4,
+    )
+    return page_idx, num

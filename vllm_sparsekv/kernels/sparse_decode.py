@@ -1,0 +1,203 @@
+"""Sparse paged decode attention: query head h attends over the valid tokens of the pages
+page_idx[n, h // G], read straight from the paged cache. page_idx = every page is dense decode."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ._common import HAS_TRITON, cdiv, next_pow2
+
+_REF_CHUNK_TOKENS = 1 << 15  # reference: online softmax over page chunks of about this many tokens
+
+
+def sparse_paged_decode_ref(q, key_cache, value_cache, block_table, seq_lens, page_idx, scale, out=None):
+    """q [N, Hq, D]; key/value_cache [B, bs, Hkv, D] (any strides); block_table [N, max_blocks];
+    seq_lens [N]; page_idx [N, Hkv, K] logical pages (< 0 ignored; entries must be distinct).
+    Returns out [N, Hq, D] in q's dtype (a request/head with no valid token gets zeros)."""
+    N, Hq, D = q.shape
+    _, bs, Hkv, _ = key_cache.shape
+    G = Hq // Hkv
+    K = page_idx.shape[2]
+    dev = q.device
+    qf = q.float().reshape(N, Hkv, G, D)
+    pid = page_idx.long()
+    pvalid = pid >= 0
+    pidc = pid.clamp(min=0, max=max(block_table.shape[1] - 1, 0))
+    blk = torch.gather(block_table.long(), 1, pidc.reshape(N, Hkv * K)).reshape(N, Hkv, K).clamp(min=0)
+    hidx = torch.arange(Hkv, device=dev).view(1, Hkv, 1)
+    off = torch.arange(bs, device=dev)
+    m = torch.full((N, Hkv, G, 1), float("-inf"), device=dev)
+    l = torch.zeros((N, Hkv, G, 1), device=dev)
+    acc = torch.zeros((N, Hkv, G, D), device=dev)
+    chunk = max(1, _REF_CHUNK_TOKENS // bs)
+    for k0 in range(0, K, chunk):
+        k1 = min(K, k0 + chunk)
+        b = blk[:, :, k0:k1]
+        kk = key_cache[b, :, hidx, :].float().reshape(N, Hkv, (k1 - k0) * bs, D)  # [N, Hkv, c*bs, D]
+        vv = value_cache[b, :, hidx, :].float().reshape(N, Hkv, (k1 - k0) * bs, D)
+        pos = pid[:, :, k0:k1, None] * bs + off
+        valid = (pvalid[:, :, k0:k1, None] & (pos < seq_lens.long()[:, None, None, None])).reshape(N, Hkv, 1, -1)
+        s = torch.einsum("nhgd,nhtd->nhgt", qf, kk) * scale
+        s = s.masked_fill(~valid, float("-inf"))
+        m_new = torch.maximum(m, s.amax(-1, keepdim=True))
+        m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+        alpha = torch.exp(m - m_safe)
+        p = torch.exp(s - m_safe)
+        l = l * alpha + p.sum(-1, keepdim=True)
+        acc = acc * alpha + torch.einsum("nhgt,nhtd->nhgd", p, vv)
+        m = m_new
+    res = torch.where(l > 0, acc / l.clamp(min=1e-30), torch.zeros_like(acc)).reshape(N, Hq, D).to(q.dtype)
+    if out is None:
+        return res
+    out.copy_(res)
+    return out
+
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _split_kernel(
+        q_ptr, k_ptr, v_ptr, bt_ptr, sl_ptr, pi_ptr, wo_ptr, wl_ptr, scale_log2,
+        s_qn, s_qh, s_qd,
+        s_kb, s_kt, s_kh, s_kd,
+        s_vb, s_vt, s_vh, s_vd,
+        s_btn, s_btp,
+        s_pn, s_ph, s_pk,
+        K_MAX, PAGES_PER_SPLIT, NUM_SPLITS, HQ, D,
+        G: tl.constexpr, G_PAD: tl.constexpr, BS: tl.constexpr, BLOCK_D: tl.constexpr,
+        PAGES_PER_ITER: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        """Program (h, split, n): the query heads of KV head h over pages
+        page_idx[n, h, split*PPS : (split+1)*PPS]; each K/V page is read once for the whole group.
+        Writes the split's normalised partial output and its log2-sum-exp to the workspace."""
+        h = tl.program_id(0)
+        sp = tl.program_id(1)
+        n = tl.program_id(2)
+        seq = tl.load(sl_ptr + n)
+        g = tl.arange(0, G_PAD)
+        gm = g < G
+        d = tl.arange(0, BLOCK_D)
+        dm = d < D
+        q = tl.load(q_ptr + n * s_qn + (h * G + g)[:, None] * s_qh + d[None, :] * s_qd,
+                    mask=gm[:, None] & dm[None, :], other=0.0)
+        BLOCK_N: tl.constexpr = PAGES_PER_ITER * BS
+        r = tl.arange(0, BLOCK_N)
+        rp = r // BS
+        ro = r % BS
+        m_i = tl.full([G_PAD], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([G_PAD], dtype=tl.float32)
+        acc = tl.zeros([G_PAD, BLOCK_D], dtype=tl.float32)
+        j_start = sp * PAGES_PER_SPLIT
+        j_end = tl.minimum(j_start + PAGES_PER_SPLIT, K_MAX)
+        pi_row = pi_ptr + n * s_pn + h * s_ph
+        for j0 in range(j_start, j_end, PAGES_PER_ITER):
+            j = j0 + rp
+            pid = tl.load(pi_row + j * s_pk, mask=j < j_end, other=-1)
+            pos = pid * BS + ro
+            valid = (pid >= 0) & (pos < seq)
+            blk = tl.load(bt_ptr + n * s_btn + pid * s_btp, mask=valid, other=0).to(tl.int64)
+            m2 = valid[:, None] & dm[None, :]
+            kt = tl.load(k_ptr + blk[:, None] * s_kb + ro[:, None] * s_kt + h * s_kh + d[None, :] * s_kd,
+                         mask=m2, other=0.0)
+            if IEEE:
+                s = tl.dot(q, tl.trans(kt), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(kt))
+            s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            vt = tl.load(v_ptr + blk[:, None] * s_vb + ro[:, None] * s_vt + h * s_vh + d[None, :] * s_vd,
+                         mask=m2, other=0.0)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p, vt.to(tl.float32), input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+            m_i = m_new
+        has = l_i > 0
+        o = acc / tl.where(has, l_i, 1.0)[:, None]
+        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+        row = (n * HQ + h * G + g).to(tl.int64) * NUM_SPLITS + sp  # workspace [N, Hq, S, (D)]
+        tl.store(wo_ptr + row[:, None] * D + d[None, :], o, mask=gm[:, None] & dm[None, :])
+        tl.store(wl_ptr + row, lse, mask=gm)
+
+    @triton.jit
+    def _combine_kernel(
+        wo_ptr, wl_ptr, out_ptr, s_on, s_oh, s_od, NUM_SPLITS, HQ, D,
+        BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        hq = tl.program_id(0)
+        n = tl.program_id(1)
+        row0 = (n * HQ + hq).to(tl.int64) * NUM_SPLITS
+        s = tl.arange(0, BLOCK_S)
+        d = tl.arange(0, BLOCK_D)
+        dm = d < D
+        mx = tl.full([], float("-inf"), dtype=tl.float32)
+        for s0 in range(0, NUM_SPLITS, BLOCK_S):
+            lse = tl.load(wl_ptr + row0 + s0 + s, mask=(s0 + s) < NUM_SPLITS, other=float("-inf"))
+            mx = tl.maximum(mx, tl.max(lse, axis=0))
+        mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+        tot = tl.zeros([], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for s0 in range(0, NUM_SPLITS, BLOCK_S):
+            sm = (s0 + s) < NUM_SPLITS
+            lse = tl.load(wl_ptr + row0 + s0 + s, mask=sm, other=float("-inf"))
+            w = tl.exp2(lse - mx_safe)
+            o = tl.load(wo_ptr + (row0 + s0 + s)[:, None] * D + d[None, :], mask=sm[:, None] & dm[None, :], other=0.0)
+            acc += tl.sum(w[:, None] * o, axis=0)
+            tot += tl.sum(w, axis=0)
+        res = acc / tl.where(tot > 0, tot, 1.0)
+        tl.store(out_ptr + n * s_on + hq * s_oh + d * s_od, res.to(out_ptr.dtype.element_ty), mask=dm)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def plan_splits(N: int, Hkv: int, k_max: int, pages_per_iter: int, device: torch.device,
+                num_splits: int | None = None) -> tuple[int, int]:
+    """(num_splits, pages_per_split) from static sizes only (graph-safe)."""
+    iters = max(1, cdiv(k_max, pages_per_iter))
+    if num_splits is None:
+        sms = _num_sms(device.index or 0) if device.type == "cuda" else 8
+        num_splits = max(1, cdiv(4 * sms, max(1, N * Hkv)))
+        num_splits = min(num_splits, 128)
+    num_splits = max(1, min(num_splits, iters))
+    pps = cdiv(iters, num_splits) * pages_per_iter
+    return cdiv(max(k_max, 1), pps), pps
+
+
+def sparse_paged_decode_triton(q, key_cache, value_cache, block_table, seq_lens, page_idx, scale, out=None,
+                               num_splits: int | None = None, tile_tokens: int = 64):
+    N, Hq, D = q.shape
+    _, bs, Hkv, _ = key_cache.shape
+    G = Hq // Hkv
+    K = page_idx.shape[2]
+    if out is None:
+        out = torch.empty(N, Hq, D, dtype=q.dtype, device=q.device)
+    if N == 0:
+        return out
+    ppi = max(1, tile_tokens // bs)
+    S, pps = plan_splits(N, Hkv, K, ppi, q.device, num_splits)
+    wo = torch.empty(N * Hq * S * D, dtype=torch.float32, device=q.device)
+    wl = torch.empty(N * Hq * S, dtype=torch.float32, device=q.device)
+    BLOCK_D = next_pow2(max(D, 16))
+    ieee = q.dtype == torch.float32
+    _split_kernel[(Hkv, S, N)](
+        q, key_cache, value_cache, block_table, seq_lens, page_idx, wo, wl, float(scale) * 1.4426950408889634,
+        *q.stride(), *key_cache.stride(), *value_cache.stride(), *block_table.stride(), *page_idx.stride(),
+        K, pps, S, Hq, D,
+        G=G, G_PAD=max(16, next_pow2(G)), BS=bs, BLOCK_D=BLOCK_D, PAGES_PER_ITER=ppi, IEEE=ieee,
+        num_warps=4, num_stages=3,
+    )
+    _combine_kernel[(Hq, N)](
+        wo, wl, out, *out.stride(), S, Hq, D, BLOCK_S=min(32, next_pow2(S)), BLOCK_D=BLOCK_D, num_warps=4,
+    )
+    return out
