@@ -1,0 +1,116 @@
+"""The real-model plumbing: the converted SmolLM2 folder and the GGUF header check.
+
+Relies on `scripts/setup.sh` having converted SmolLM2 (the test command runs setup first); if it
+has not, ensure_model converts it here (about a minute)."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from vllm_sparsekv import models
+
+
+@pytest.fixture(scope="module")
+def smollm2_dir():
+    return models.ensure_model("smollm2")
+
+
+def test_smollm2_folder_loads(smollm2_dir):
+    from transformers import AutoConfig, AutoTokenizer
+
+    assert (smollm2_dir / models.MARKER).is_file()
+    cfg = AutoConfig.from_pretrained(smollm2_dir)
+    assert cfg.model_type == "llama"
+    assert cfg.num_hidden_layers == 30
+    assert cfg.num_attention_heads == 9 and cfg.num_key_value_heads == 3
+    assert cfg.hidden_size // cfg.num_attention_heads == 64
+    assert "quantization_config" not in json.loads((smollm2_dir / "config.json").read_text())
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    ids = tok("The capital of France is")["input_ids"]
+    assert 3 <= len(ids) <= 10
+    assert tok.decode(ids).strip() == "The capital of France is"
+    assert tok.chat_template, "the GGUF's chat template must survive the conversion"
+
+
+def test_smollm2_weights_are_dense_float32(smollm2_dir):
+    from safetensors import safe_open
+
+    files = sorted(smollm2_dir.glob("*.safetensors"))
+    assert files
+    names = set()
+    for f in files:
+        with safe_open(str(f), framework="np") as st:
+            for k in st.keys():
+                names.add(k)
+                if k.endswith("layers.0.self_attn.k_proj.weight"):
+                    w = st.get_tensor(k)
+                    assert w.dtype == np.float32 and w.shape == (3 * 64, 576)
+                    assert np.isfinite(w).all() and w.std() > 0
+    assert any(k.endswith("embed_tokens.weight") for k in names)
+    assert sum(".self_attn.q_proj.weight" in k for k in names) == 30
+
+
+def test_ensure_model_is_idempotent(smollm2_dir):
+    # A finished folder is returned at once (no download, no conversion).
+    assert models.ensure_model("SmolLM2") == smollm2_dir
+    assert models.model_dir("smollm2-135m-instruct") == smollm2_dir
+
+
+def _write_gguf(path, arch, size_label):
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name("tiny test model")
+    if size_label is not None:
+        w.add_size_label(size_label)
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_gguf_check_accepts_matching_header(tmp_path):
+    f = _write_gguf(tmp_path / "ok.gguf", "qwen2", "0.5B")
+    info = models.check_gguf(f, "qwen2", "0.5B")
+    assert info["general.architecture"] == "qwen2" and info["tensor_count"] == 1
+
+
+def test_gguf_check_rejects_wrong_architecture(tmp_path):
+    f = _write_gguf(tmp_path / "llama.gguf", "llama", "0.5B")
+    with pytest.raises(models.GGUFCheckError, match=r"architecture 'llama' \(expected 'qwen2'\)"):
+        models.check_gguf(f, "qwen2", "0.5B")
+
+
+def test_gguf_check_rejects_wrong_size_label(tmp_path):
+    f = _write_gguf(tmp_path / "big.gguf", "qwen2", "7B")
+    with pytest.raises(models.GGUFCheckError, match=r"size label '7B' \(expected '0.5B'\)"):
+        models.check_gguf(f, "qwen2", "0.5B")
+    f = _write_gguf(tmp_path / "nolabel.gguf", "qwen2", None)
+    with pytest.raises(models.GGUFCheckError, match="size label None"):
+        models.check_gguf(f, "qwen2", "0.5B")
+
+
+def test_gguf_check_rejects_non_gguf_and_truncated(tmp_path):
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"PK\x03\x04 not a gguf file" * 10)
+    with pytest.raises(models.GGUFCheckError, match="not a readable GGUF"):
+        models.check_gguf(junk, "qwen2")
+    good = _write_gguf(tmp_path / "whole.gguf", "qwen2", "0.5B")
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(good.read_bytes()[:40])  # e.g. a missing part of the concatenation
+    with pytest.raises(models.GGUFCheckError):
+        models.check_gguf(cut, "qwen2", "0.5B")
+
+
+def test_cli_rejects_unknown_model(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "vllm_sparsekv.models", "llama-70b",
+                           "--data-dir", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert "unknown model 'llama-70b'" in proc.stderr and "smollm2" in proc.stderr
+    assert proc.stdout == ""
