@@ -36,18 +36,46 @@ def dense_backend_cls():
 def split_kv_cache(kv_cache: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The layer's cache as two strided views [num_blocks, block_size, num_kv_heads, head_size].
 
-    CPU attention packs each (block, head) as all keys then all values: [B, H, 2*bs, D].
+    CPU attention (vec/vec16 ISAs) packs each (block, head) as the block's keys transposed,
+    [D, bs], followed by its values, [bs, D]; `check_cpu_cache_layout` proves it at startup.
     Triton/FlashAttention (0.32 and 0.33) keep [B, H, N, 2D] with K and V side by side per cell.
     """
     from vllm.platforms import current_platform
 
     num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
     if current_platform.is_cpu():
-        kv = kv_cache.view(num_blocks, num_kv_heads, 2 * block_size, head_size)
-        key_cache, value_cache = kv.chunk(2, dim=2)
-        return key_cache.transpose(1, 2), value_cache.transpose(1, 2)
+        kv = kv_cache.view(num_blocks, num_kv_heads, 2, block_size * head_size)
+        key_cache = kv[:, :, 0].unflatten(-1, (head_size, block_size)).permute(0, 3, 1, 2)
+        value_cache = kv[:, :, 1].unflatten(-1, (block_size, head_size)).transpose(1, 2)
+        return key_cache, value_cache
     key_cache, value_cache = kv_cache.transpose(1, 2).split(head_size, dim=-1)
     return key_cache, value_cache
+
+
+@functools.cache
+def check_cpu_cache_layout(isa: str, dtype: torch.dtype, head_size: int, block_size: int) -> None:
+    """Write known keys/values with vLLM's own CPU cache op and read them back through
+    `split_kv_cache`; refuse to run (instead of attending to garbage) if the layout differs."""
+    from vllm import _custom_ops as ops
+
+    heads, tokens = 2, block_size + 3
+    kv_cache = torch.zeros(3, heads, block_size, 2 * head_size, dtype=dtype)
+    packed = kv_cache.view(3, heads, 2 * block_size, head_size)
+    key = torch.randn(tokens, heads, head_size).to(dtype)
+    value = torch.randn(tokens, heads, head_size).to(dtype)
+    slots = torch.arange(tokens, dtype=torch.int64) + block_size
+    ops.cpu_attn_reshape_and_cache(
+        key, value, packed[:, :, :block_size], packed[:, :, block_size:], slots, isa,
+        k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto",
+    )
+    key_cache, value_cache = split_kv_cache(kv_cache, head_size)
+    got_k = key_cache.reshape(-1, heads, head_size)[block_size : block_size + tokens]
+    got_v = value_cache.reshape(-1, heads, head_size)[block_size : block_size + tokens]
+    if not (torch.equal(got_k, key) and torch.equal(got_v, value)):
+        raise RuntimeError(
+            f"sparsekv: vLLM's CPU KV-cache layout for isa={isa!r} is not the one this plugin reads; "
+            "this vLLM version is not supported on CPU with --attention-backend sparsekv"
+        )
 
 
 def attention_enum():

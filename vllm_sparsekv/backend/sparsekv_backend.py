@@ -228,6 +228,8 @@ class SparseKVImpl(AttentionImpl):
 
     def _setup(self, layer, kv_cache: torch.Tensor) -> None:
         self.is_dense_layer = compat.layer_index(layer.layer_name) in self.config.dense_layers
+        if kv_cache.device.type == "cpu":
+            compat.check_cpu_cache_layout(layer.isa, kv_cache.dtype, self.head_size, kv_cache.shape[2])
         if self.is_dense_layer:
             return
         geometry = LayerGeometry(self.num_heads, self.num_kv_heads, self.head_size, kv_cache.shape[2])

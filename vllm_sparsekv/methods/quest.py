@@ -31,4 +31,4 @@ class QuestSelector(PageSelector):
         kernels.page_bounds_update(key_cache, slot_mapping, self.bounds)
 
     def score_pages(self, query, key_cache, block_table, seq_lens, max_pages):
-        return kernels.quest_page_scores(query, self.bounds, block_table, seq_lens, max_pages)
+        return kernels.quest_page_scores(query, self.bounds, block_table, seq_lens, max_pages, self.geometry.block_size)
