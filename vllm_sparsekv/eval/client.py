@@ -352,6 +352,13 @@ async def run_samples(client: OpenAIClient, samples: Sequence[dict], out_path: s
         except ImportError:  # pragma: no cover
             bar = None
     new: dict[str, dict] = {}
+    if out_path.exists() and out_path.stat().st_size > 0:
+        with out_path.open("rb") as f:  # a torn last line must not swallow the next record
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"
+        if torn:
+            with out_path.open("a", encoding="utf-8") as f:
+                f.write("\n")
     with out_path.open("a", encoding="utf-8") as fout:
         async def one(s: dict):
             sid = str(s["id"])
