@@ -41,6 +41,7 @@ class FakeServer:
         self.has_chat_template = has_chat_template
         self.delay = stream_tokens_delay
         self.requests: list[tuple[str, dict]] = []
+        self.stat_reads = 0
         self.attempts: Counter = Counter()
         self.port = None
         self._loop = None
@@ -110,8 +111,9 @@ class FakeServer:
         await resp.write(b"data: [DONE]\n\n")
         return resp
 
-    async def stats(self, request):
-        return web.json_response({"attended_pages": 30, "held_pages": 120})
+    async def stats(self, request):  # cumulative counters, as vllm_sparsekv.stats.snapshot()
+        self.stat_reads += 1
+        return web.json_response({"attended_pages": 30 * self.stat_reads, "held_pages": 120 * self.stat_reads})
 
     # -------------------------------------------------------------- lifecycle
     def start(self) -> "FakeServer":
