@@ -1,0 +1,39 @@
+"""Run engine configurations in subprocesses and compare greedy outputs the way the tests must."""
+
+import json
+import os
+import subprocess
+import sys
+
+RUNNER = os.path.join(os.path.dirname(__file__), "runner.py")
+
+
+def run_engine(spec: dict, timeout: int = 900) -> dict:
+    proc = subprocess.run([sys.executable, RUNNER, json.dumps(spec)], capture_output=True, text=True, timeout=timeout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise AssertionError(f"engine run failed (rc={proc.returncode}) for {spec.get('backend')}:\n{proc.stderr[-4000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+NEAR_TIE = 1e-2  # top-2 logprob gap under which a flipped greedy token is a tie, not an error
+LOGPROB_TOL = 1e-3
+
+
+def assert_same_greedy(ref: dict, got: dict, what: str) -> None:
+    """Token for token; where a genuine near-tie flips a token, everything before it must agree in
+    logprob within 1e-3 and the flip must happen where the reference's top two are within 1e-2."""
+    for i, (r, g) in enumerate(zip(ref["results"], got["results"])):
+        a, b = r["token_ids"], g["token_ids"]
+        n = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        upto = len(a) if n is None else n
+        for j in range(upto):
+            assert abs(r["logprobs"][j] - g["logprobs"][j]) <= LOGPROB_TOL, (
+                f"{what}, prompt {i}, token {j}: logprob {g['logprobs'][j]} vs {r['logprobs'][j]}"
+            )
+        if n is not None:
+            assert r["top2_gap"][n] < NEAR_TIE, (
+                f"{what}, prompt {i}: token {n} differs ({b[n]} vs {a[n]}) and it is no near-tie "
+                f"(top-2 gap {r['top2_gap'][n]:.4f}): {g['text']!r} vs {r['text']!r}"
+            )
+        assert len(a) == len(b) or n is not None, f"{what}, prompt {i}: lengths {len(b)} vs {len(a)}"

@@ -1,0 +1,60 @@
+"""Run one vLLM engine configuration on CPU in this process and print its results as JSON.
+
+The engine tests start one subprocess per configuration (stock CPU attention, sparsekv full,
+quest...), so each engine is isolated and the comparisons are made on identical prompts.
+Usage: python runner.py SPEC_JSON  (spec: model, backend, sparsekv, prompts, max_tokens,
+prefix_caching, mode = "batch" | "sequential", max_model_len)
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    from vllm import LLM, SamplingParams
+
+    kw = dict(
+        dtype="float32", enforce_eager=True, gpu_memory_utilization=0.5, distributed_executor_backend="uni",
+        max_model_len=spec.get("max_model_len", 4096), enable_prefix_caching=spec.get("prefix_caching", False),
+        seed=0,
+    )
+    if spec.get("max_num_batched_tokens"):
+        kw["max_num_batched_tokens"] = spec["max_num_batched_tokens"]
+    if spec["backend"] != "stock":
+        kw.update(attention_backend=spec["backend"], additional_config={"sparsekv": spec.get("sparsekv", {})})
+    llm = LLM(spec["model"], **kw)
+    sp = SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 16), logprobs=2)
+    prompts = spec["prompts"]
+    if spec.get("mode") == "sequential":
+        outs = [llm.generate([p], sp, use_tqdm=False)[0] for p in prompts]
+    else:
+        outs = llm.generate(prompts, sp, use_tqdm=False)
+    results = []
+    for o in outs:
+        c = o.outputs[0]
+        lps = [lp[tid].logprob for tid, lp in zip(c.token_ids, c.logprobs)]
+        # gap between the two best tokens at each step: tells a genuine near-tie from a real change
+        gaps = [abs(a - b) for a, b in (sorted((x.logprob for x in lp.values()), reverse=True)[:2] for lp in c.logprobs)]
+        results.append({"text": c.text, "token_ids": list(c.token_ids), "logprobs": lps, "top2_gap": gaps,
+                        "prompt_tokens": len(o.prompt_token_ids)})
+    from vllm_sparsekv import stats
+
+    backends = sorted(set(llm.collective_rpc(_backend_names)[0]))
+    print("RESULT " + json.dumps({"results": results, "stats": stats.collect(llm)[0], "backends": backends}))
+
+
+def _backend_names(worker) -> list[str]:
+    """Which backend classes the worker's attention groups really run (logs do not say on CPU)."""
+    runner = getattr(worker, "model_runner", None) or worker.worker.model_runner
+    return [g.backend.__name__ for groups in runner.attn_groups for g in groups]
+
+
+if __name__ == "__main__":
+    main()
