@@ -10,14 +10,14 @@ from ._common import HAS_TRITON, use_triton
 from .hash_codes import hash_codes_update_ref, hash_query_ref
 from .page_bounds import page_bounds_update_ref
 from .page_scores import hash_page_scores_ref, quest_page_scores_ref
-from .select_pages import select_pages_ref
+from .page_select import select_pages_ref
 from .sparse_decode import sparse_paged_decode_ref
 
 if HAS_TRITON:
     from .hash_codes import hash_codes_update_triton, hash_query_triton
     from .page_bounds import page_bounds_update_triton
     from .page_scores import hash_page_scores_triton, quest_page_scores_triton
-    from .select_pages import select_pages_triton
+    from .page_select import select_pages_triton
     from .sparse_decode import sparse_paged_decode_triton
 
 

@@ -58,6 +58,7 @@ if HAS_TRITON:
         """Monotone int32 keys: forced -> INT32_MAX, invalid -> INT32_MIN, NaN -> -inf."""
         sc = tl.load(s_row + p * s_op, mask=p < P, other=float("-inf")).to(tl.float32)
         sc = tl.where(sc != sc, float("-inf"), sc)
+        sc = tl.where(sc == 0.0, 0.0, sc)  # -0.0 ties with +0.0, as in torch.sort
         bits = sc.to(tl.int32, bitcast=True)
         key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
         valid = p < npages
@@ -120,8 +121,8 @@ if HAS_TRITON:
             for c in range(NCHUNK):
                 kc = _keys(s_row, s_sp, c * BLOCK + offs, P, npages, sink, recent)
                 need -= tl.sum((kc > thr).to(tl.int32), axis=0)
-            eq_base = 0
-            pos_base = 0
+            eq_base = tl.zeros([], dtype=tl.int32)
+            pos_base = tl.zeros([], dtype=tl.int32)
             for c in range(NCHUNK):
                 p = c * BLOCK + offs
                 kc = _keys(s_row, s_sp, p, P, npages, sink, recent)
@@ -138,7 +139,8 @@ if HAS_TRITON:
         tl.store(num_ptr + n * tl.num_programs(0) + h, k)  # num_selected is contiguous [N, Hkv]
 
 
-MAX_SINGLE = 8192
+MAX_SINGLE = 8192  # pages held in registers by one program; beyond: CHUNK-sized passes
+CHUNK = 4096
 
 
 def select_pages_triton(scores, seq_lens, block_size, budget_pages, sink_pages, recent_pages, k_max):
@@ -150,7 +152,7 @@ def select_pages_triton(scores, seq_lens, block_size, budget_pages, sink_pages, 
     BLOCK = next_pow2(max(P, 16))
     NCHUNK = 1
     if BLOCK > MAX_SINGLE:
-        BLOCK = 4096
+        BLOCK = CHUNK
         NCHUNK = -(-P // BLOCK)
     _select_kernel[(Hkv, N)](
         scores, seq_lens, budget_pages, page_idx, num,

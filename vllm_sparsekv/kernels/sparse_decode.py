@@ -4,6 +4,7 @@ page_idx[n, h // G], read straight from the paged cache. page_idx = every page i
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -104,7 +105,7 @@ if HAS_TRITON:
             kt = tl.load(k_ptr + blk[:, None] * s_kb + ro[:, None] * s_kt + h * s_kh + d[None, :] * s_kd,
                          mask=m2, other=0.0)
             if IEEE:
-                s = tl.dot(q, tl.trans(kt), input_precision="ieee")
+                s = tl.dot(q.to(tl.float32), tl.trans(kt.to(tl.float32)), input_precision="ieee")
             else:
                 s = tl.dot(q, tl.trans(kt))
             s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
@@ -161,13 +162,19 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+TILE_TOKENS = 64  # tokens per inner iteration (pages_per_iter = TILE_TOKENS // block_size, >= 1)
+NUM_WARPS = 4
+NUM_STAGES = 3
+SPLITS_PER_SM = 4  # aim for about this many split programs per SM
+
+
 def plan_splits(N: int, Hkv: int, k_max: int, pages_per_iter: int, device: torch.device,
-                num_splits: int | None = None) -> tuple[int, int]:
+                num_splits: int | None = None, splits_per_sm: int = SPLITS_PER_SM) -> tuple[int, int]:
     """(num_splits, pages_per_split) from static sizes only (graph-safe)."""
     iters = max(1, cdiv(k_max, pages_per_iter))
     if num_splits is None:
         sms = _num_sms(device.index or 0) if device.type == "cuda" else 8
-        num_splits = max(1, cdiv(4 * sms, max(1, N * Hkv)))
+        num_splits = max(1, cdiv(splits_per_sm * sms, max(1, N * Hkv)))
         num_splits = min(num_splits, 128)
     num_splits = max(1, min(num_splits, iters))
     pps = cdiv(iters, num_splits) * pages_per_iter
@@ -175,7 +182,11 @@ def plan_splits(N: int, Hkv: int, k_max: int, pages_per_iter: int, device: torch
 
 
 def sparse_paged_decode_triton(q, key_cache, value_cache, block_table, seq_lens, page_idx, scale, out=None,
-                               num_splits: int | None = None, tile_tokens: int = 64):
+                               num_splits: int | None = None, tile_tokens: int | None = None,
+                               num_warps: int | None = None, num_stages: int | None = None,
+                               splits_per_sm: int | None = None):
+    """Split-K launch + combine. The keyword knobs exist for tuning/tests; the defaults are
+    module-level (TILE_TOKENS, NUM_WARPS, NUM_STAGES, SPLITS_PER_SM)."""
     N, Hq, D = q.shape
     _, bs, Hkv, _ = key_cache.shape
     G = Hq // Hkv
@@ -184,18 +195,19 @@ def sparse_paged_decode_triton(q, key_cache, value_cache, block_table, seq_lens,
         out = torch.empty(N, Hq, D, dtype=q.dtype, device=q.device)
     if N == 0:
         return out
-    ppi = max(1, tile_tokens // bs)
-    S, pps = plan_splits(N, Hkv, K, ppi, q.device, num_splits)
+    ppi = max(1, (tile_tokens or TILE_TOKENS) // bs)
+    S, pps = plan_splits(N, Hkv, K, ppi, q.device, num_splits, splits_per_sm or SPLITS_PER_SM)
     wo = torch.empty(N * Hq * S * D, dtype=torch.float32, device=q.device)
     wl = torch.empty(N * Hq * S, dtype=torch.float32, device=q.device)
     BLOCK_D = next_pow2(max(D, 16))
-    ieee = q.dtype == torch.float32
+    # fp32 inputs: exact fp32 products (no tf32). The interpreter has no bf16/fp16 dot: upcast there.
+    ieee = q.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET", "0") == "1"
     _split_kernel[(Hkv, S, N)](
         q, key_cache, value_cache, block_table, seq_lens, page_idx, wo, wl, float(scale) * 1.4426950408889634,
         *q.stride(), *key_cache.stride(), *value_cache.stride(), *block_table.stride(), *page_idx.stride(),
         K, pps, S, Hq, D,
         G=G, G_PAD=max(16, next_pow2(G)), BS=bs, BLOCK_D=BLOCK_D, PAGES_PER_ITER=ppi, IEEE=ieee,
-        num_warps=4, num_stages=3,
+        num_warps=num_warps or NUM_WARPS, num_stages=num_stages or NUM_STAGES,
     )
     _combine_kernel[(Hq, N)](
         wo, wl, out, *out.stride(), S, Hq, D, BLOCK_S=min(32, next_pow2(S)), BLOCK_D=BLOCK_D, num_warps=4,

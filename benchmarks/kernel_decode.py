@@ -1,0 +1,286 @@
+"""Sparse paged decode vs dense, one layer, on the GPU (issue 3).
+
+For each (batch, context, page size): dense paged decode (our kernel, every page), torch SDPA over
+contiguous K/V (external peer, GQA as a G-row query per KV head), and for each method (quest,
+hash-128) and budget: sparse total (score + top-k + attend) and its parts. Times: CUDA events around
+CUDA-graph replays (launch gaps removed), L2 flushed before every replay, warm-up, median of --reps.
+
+    python benchmarks/kernel_decode.py [--out benchmarks/results] [--commit SHA] [--quick] [--tune]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from vllm_sparsekv import kernels as K  # noqa: E402
+from vllm_sparsekv.kernels import sparse_decode as SD  # noqa: E402
+
+HQ, HKV, D = 32, 8, 128
+G = HQ // HKV
+DT = torch.bfloat16
+SINK, RECENT = 1, 1
+BITS = 128
+BUDGETS = [("1/8", 1 / 8), ("1/16", 1 / 16), ("1/32", 1 / 32), ("2%", 0.02)]
+
+_flush = None
+
+
+def flush():
+    global _flush
+    if _flush is None:
+        _flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+    _flush.zero_()
+
+
+def bench(fn, reps=30, warm=5, graph=True):
+    """Median ms of fn (as a CUDA graph replay), L2 flushed before every run."""
+    run = fn
+    if graph:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            fn()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        run = g.replay
+    for _ in range(warm):
+        flush()
+        run()
+    st = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    en = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for i in range(reps):
+        flush()
+        st[i].record()
+        run()
+        en[i].record()
+    torch.cuda.synchronize()
+    return statistics.median(a.elapsed_time(b) for a, b in zip(st, en))
+
+
+def hbm_copy_TBps():
+    a = torch.empty(2 << 30, dtype=torch.int8, device="cuda")
+    b = torch.empty_like(a)
+    ms = bench(lambda: b.copy_(a), reps=20, graph=False)
+    del a, b
+    return 2 * (2 << 30) / ms / 1e9
+
+
+class Case:
+    def __init__(self, N, L, bs, seed=0):
+        torch.manual_seed(seed)
+        self.N, self.L, self.bs = N, L, bs
+        self.P = P = L // bs
+        B = N * P
+        self.kv = torch.randn(2, B, bs, HKV, D, dtype=DT, device="cuda")
+        self.kc, self.vc = self.kv[0], self.kv[1]
+        self.bt = torch.randperm(B, device="cuda").to(torch.int32).view(N, P)
+        self.sl = torch.full((N,), L, dtype=torch.int32, device="cuda")
+        self.q = torch.randn(N, HQ, D, dtype=DT, device="cuda")
+        self.out = torch.empty_like(self.q)
+        self.scale = D ** -0.5
+        slots = torch.arange(B * bs, device="cuda")
+        self.bounds = torch.empty(B, HKV, 2, D, dtype=DT, device="cuda")
+        K.page_bounds_update(self.kc, slots, self.bounds)
+        self.proj = torch.randn(HKV, D, BITS, device="cuda")
+        self.codes = torch.empty(B, bs, HKV, BITS // 32, dtype=torch.int32, device="cuda")
+        K.hash_codes_update(self.kc.reshape(-1, HKV, D), slots, self.proj, self.codes)
+        self.dense_idx = torch.arange(P, dtype=torch.int32, device="cuda").expand(N, HKV, P).contiguous()
+        torch.cuda.synchronize()
+
+    def free(self):
+        for k in list(vars(self)):
+            delattr(self, k)
+        torch.cuda.empty_cache()
+
+    # -- ops
+    def dense(self, **kw):
+        return lambda: SD.sparse_paged_decode_triton(self.q, self.kc, self.vc, self.bt, self.sl, self.dense_idx,
+                                                     self.scale, out=self.out, **kw)
+
+    def sdpa(self):
+        # contiguous K/V [N, Hkv, L, D] (gathered once, outside the timing); queries as [N, Hkv, G, D]
+        kcont = self.kc[self.bt.long()].permute(0, 3, 1, 2, 4).reshape(self.N, HKV, self.L, D).contiguous()
+        vcont = self.vc[self.bt.long()].permute(0, 3, 1, 2, 4).reshape(self.N, HKV, self.L, D).contiguous()
+        q4 = self.q.view(self.N, HKV, G, D)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def f():
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+                return F.scaled_dot_product_attention(q4, kcont, vcont, scale=self.scale)
+        ref = f().reshape(self.N, HQ, D)
+        return f, ref, (kcont, vcont)
+
+    def score(self, method):
+        if method == "quest":
+            return lambda: K.quest_page_scores(self.q, self.bounds, self.bt, self.sl, self.P, self.bs)
+        return lambda: K.hash_page_scores(K.hash_query(self.q, self.proj), self.codes, self.bt, self.sl, self.P, "max")
+
+
+def row_bytes(c: Case, method, k):
+    N, P, bs = c.N, c.P, c.bs
+    kv_tok = 2 * D * 2  # K+V bf16 per token per KV head
+    dense = N * HKV * (c.L * kv_tok + P * 4 + P * 4) + 2 * N * HQ * D * 2
+    meta = N * HKV * P * (2 * D * 2) if method == "quest" else N * HKV * c.L * (BITS // 8)
+    select = N * HKV * P * 4 * 2 + N * HKV * k * 4  # scores written + read, page ids written
+    attend = N * HKV * k * (bs * kv_tok + 8) + 2 * N * HQ * D * 2
+    return dense, meta + select + attend
+
+
+def run(args):
+    dev = torch.cuda.get_device_name()
+    import triton
+
+    res = {"device": dev, "torch": torch.__version__, "triton": triton.__version__, "commit": args.commit,
+           "command": "python benchmarks/kernel_decode.py " + " ".join(sys.argv[1:]),
+           "config": {"Hq": HQ, "Hkv": HKV, "D": D, "dtype": "bfloat16", "sink_pages": SINK,
+                      "recent_pages": RECENT, "hash_bits": BITS, "reps": args.reps,
+                      "timing": "median of CUDA-event-timed CUDA-graph replays, L2 flushed before each"},
+           "rows": []}
+    res["hbm_copy_TBps"] = hbm_copy_TBps()
+    print(f"device {dev}: D2D copy {res['hbm_copy_TBps']:.2f} TB/s (read+write)", flush=True)
+    batches, contexts, pages = [1, 8, 32], [8192, 32768, 131072], [16, 32]
+    if args.quick:
+        batches, contexts = [8], [131072]
+    for L in contexts:
+        for N in batches:
+            for bs in pages:
+                t0 = time.time()
+                c = Case(N, L, bs)
+                dense_ms = bench(c.dense(), args.reps)
+                dense_out = c.out.clone()
+                f, sref, keep = c.sdpa()
+                sdpa_ms = bench(f, args.reps)
+                del keep, f
+                err = ((dense_out.float() - sref.float()).norm() / sref.float().norm()).item()
+                dense_b, _ = row_bytes(c, "quest", c.P)
+                print(f"N={N:3d} L={L:6d} bs={bs}: dense {dense_ms:.3f} ms ({dense_b / dense_ms / 1e9:.2f} TB/s), "
+                      f"sdpa {sdpa_ms:.3f} ms, dense-vs-sdpa rel err {err:.1e}", flush=True)
+                for method in ["quest", "hash"]:
+                    score = c.score(method)
+                    sc = score()
+                    for bname, frac in BUDGETS:
+                        k = max(SINK + RECENT, math.ceil(frac * c.P))
+                        budget = torch.full((N, HKV), k, dtype=torch.int32, device="cuda")
+                        sel = lambda: K.select_pages(sc, c.sl, bs, budget, SINK, RECENT, k)  # noqa: E731
+                        idx, _ = sel()
+                        att = lambda: K.sparse_paged_decode(c.q, c.kc, c.vc, c.bt, c.sl, idx, c.scale, out=c.out)  # noqa: E731
+
+                        def total():
+                            s2 = score()
+                            i2, _ = K.select_pages(s2, c.sl, bs, budget, SINK, RECENT, k)
+                            K.sparse_paged_decode(c.q, c.kc, c.vc, c.bt, c.sl, i2, c.scale, out=c.out)
+                        score_ms = bench(score, args.reps)
+                        topk_ms = bench(sel, args.reps)
+                        attend_ms = bench(att, args.reps)
+                        sparse_ms = bench(total, args.reps)
+                        db, sb = row_bytes(c, method, k)
+                        row = {"method": method, "batch": N, "context": L, "page_size": bs,
+                               "budget": bname, "budget_fraction": frac, "budget_pages": k,
+                               "dense_ms": dense_ms, "sdpa_ms": sdpa_ms, "sparse_ms": sparse_ms,
+                               "score_ms": score_ms, "topk_ms": topk_ms, "attend_ms": attend_ms,
+                               "speedup_vs_dense": dense_ms / sparse_ms, "speedup_vs_sdpa": sdpa_ms / sparse_ms,
+                               "floor_speedup": db / sb, "dense_bytes": db, "sparse_bytes": sb,
+                               "achieved_TBps": sb / sparse_ms / 1e9, "dense_TBps": db / dense_ms / 1e9,
+                               "dense_frac_of_copy_bw": db / dense_ms / 1e9 / res["hbm_copy_TBps"],
+                               "selection_frac": (score_ms + topk_ms) / sparse_ms,
+                               "dense_vs_sdpa_rel_err": err}
+                        res["rows"].append(row)
+                        print(f"   {method:5s} {bname:>4s} k={k:5d}: sparse {sparse_ms:.3f} ms "
+                              f"(score {score_ms:.3f} topk {topk_ms:.3f} attend {attend_ms:.3f}) "
+                              f"x{row['speedup_vs_dense']:.2f} vs dense, x{row['speedup_vs_sdpa']:.2f} vs sdpa, "
+                              f"floor x{row['floor_speedup']:.1f}, {row['achieved_TBps']:.2f} TB/s", flush=True)
+                c.free()
+                print(f"   ({time.time() - t0:.0f}s)", flush=True)
+    return res
+
+
+def tune(args):
+    """Dense decode at B=8, L=128K, page 16 and 32 over the launch knobs."""
+    for bs in (16, 32):
+        c = Case(8, 131072, bs)
+        nbytes = 8 * HKV * 131072 * 512
+        for tile in (64, 128):
+            for nw in (4, 8):
+                for ns in (2, 3, 4):
+                    for spm in (2, 4, 8):
+                        try:
+                            ms = bench(c.dense(tile_tokens=tile, num_warps=nw, num_stages=ns, splits_per_sm=spm), 10)
+                            print(f"tune bs={bs} tile={tile} warps={nw} stages={ns} splits/SM={spm}: {ms:.3f} ms "
+                                  f"{nbytes / ms / 1e9:.2f} TB/s", flush=True)
+                        except Exception as e:  # noqa: BLE001
+                            print(f"tune bs={bs} tile={tile} warps={nw} stages={ns}: failed {type(e).__name__}: {e}"[:300])
+        c.free()
+
+
+def plot(res, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ctxs = sorted({r["context"] for r in res["rows"]})
+    fig, axes = plt.subplots(1, len(ctxs), figsize=(6 * len(ctxs), 4.5), squeeze=False)
+    for ax, L in zip(axes[0], ctxs):
+        for method, mk in (("quest", "o"), ("hash", "s")):
+            for bs, ls in ((16, "-"), (32, "--")):
+                for N, col in ((1, "tab:blue"), (8, "tab:orange"), (32, "tab:green")):
+                    rs = sorted((r for r in res["rows"] if r["context"] == L and r["method"] == method
+                                 and r["page_size"] == bs and r["batch"] == N), key=lambda r: r["budget_fraction"])
+                    if rs:
+                        ax.plot([r["budget_fraction"] for r in rs], [r["speedup_vs_dense"] for r in rs], ls,
+                                marker=mk, color=col, label=f"{method} p{bs} B{N}", alpha=0.8)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xticks([0.02, 1 / 32, 1 / 16, 1 / 8])
+        ax.set_xticklabels(["2%", "1/32", "1/16", "1/8"])
+        ax.set_title(f"context {L // 1024}K")
+        ax.set_xlabel("budget (fraction of pages)")
+        ax.set_ylabel("speedup vs our dense paged decode")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][-1].legend(fontsize=7, ncol=2)
+    fig.suptitle(f"sparse decode speedup, {res['device']}, GQA 32/8, d=128, bf16")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--commit", default=os.environ.get("SPARSEKV_COMMIT", "unknown"))
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--quick", action="store_true", help="only B=8, L=128K")
+    ap.add_argument("--tune", action="store_true", help="sweep the dense launch knobs first")
+    args = ap.parse_args()
+    if args.tune:
+        tune(args)
+    res = run(args)
+    tag = re.sub(r"[^A-Za-z0-9]+", "_", res["device"]).strip("_")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    suffix = "_quick" if args.quick else ""
+    (out / f"kernel_decode_{tag}{suffix}.json").write_text(json.dumps(res, indent=1))
+    try:
+        plot(res, out / f"kernel_decode_{tag}{suffix}.png")
+    except Exception as e:  # noqa: BLE001
+        print("plot failed:", e)
+    print("wrote", out / f"kernel_decode_{tag}{suffix}.json")
+
+
+if __name__ == "__main__":
+    main()
