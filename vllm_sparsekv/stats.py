@@ -1,7 +1,7 @@
 """Sparsity counters: pages attended vs pages held at decode, per worker process.
 
-The backend adds to device tensors (no host sync on the hot path); the counters are read, and
-the log line / stats file written, from the metadata builder once per interval.
+The backend adds to device tensors (no host sync on the hot path); a daemon thread reads them,
+logs a line per interval and keeps the optional stats file current.
 Read them in-process with `snapshot()`, from an `LLM` with `collect(llm)` (a collective RPC to
 every worker), or from a server through the `stats_file` config option.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
+import threading
 import time
 
 import torch
@@ -21,7 +21,6 @@ logger = logging.getLogger("vllm.sparsekv")  # under vLLM's logger, so its handl
 _counters: dict[torch.device, torch.Tensor] = {}
 # index: 0 pages attended by sparse layers, 1 pages held by them, 2 decode (request, layer) rows
 _FIELDS = ("attended_pages", "held_pages", "decode_rows")
-_last_log = {"time": time.monotonic(), "snap": None}
 
 
 def _counter(device: torch.device) -> torch.Tensor:
@@ -65,27 +64,49 @@ def collect(llm) -> list[dict]:
     return llm.collective_rpc(_worker_snapshot)
 
 
-def default_stats_file() -> str:
-    return os.path.join(tempfile.gettempdir(), f"vllm_sparsekv_stats_{os.getpid()}.json")
+def _write(stats_file: str, snap: dict) -> None:
+    tmp = f"{stats_file}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(snap, f)
+    os.replace(tmp, stats_file)
 
 
-def maybe_log(interval_s: float, stats_file: str | None) -> None:
-    """Log the sparsity of the last interval and refresh the stats file; cheap when not due."""
-    now = time.monotonic()
-    if interval_s <= 0 or now - _last_log["time"] < interval_s or not _counters:
-        return
-    snap = snapshot()
-    prev = _last_log["snap"] or dict.fromkeys(_FIELDS, 0)
+def _log_interval(prev: dict | None, snap: dict, seconds: float) -> None:
+    prev = prev or dict.fromkeys(_FIELDS, 0)
     att = snap["attended_pages"] - prev["attended_pages"]
     held = snap["held_pages"] - prev["held_pages"]
     if held:
         logger.info(
             "sparsekv: decode attended %d of %d pages (%.1f%%) in the last %.0f s; %.1f%% overall",
-            att, held, 100.0 * att / held, now - _last_log["time"], 100.0 * snap["attended_fraction"],
+            att, held, 100.0 * att / held, seconds, 100.0 * snap["attended_fraction"],
         )
-    _last_log.update(time=now, snap=snap)
-    if stats_file:
-        tmp = f"{stats_file}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(snap, f)
-        os.replace(tmp, stats_file)
+
+
+_reporter: threading.Thread | None = None
+
+
+def start_reporter(interval_s: float, stats_file: str | None) -> None:
+    """Start (once per process) the daemon thread that logs the sparsity every `interval_s` and
+    keeps `stats_file` current (checked every second, rewritten when the counters moved).
+    A thread rather than the step loop, so the file is right also after the last step."""
+    global _reporter
+    if _reporter is not None or (interval_s <= 0 and not stats_file):
+        return
+
+    def run() -> None:
+        last_log, logged, written = time.monotonic(), None, None
+        while True:
+            time.sleep(min(1.0, interval_s) if interval_s > 0 else 1.0)
+            if not _counters:
+                continue
+            snap = snapshot()
+            now = time.monotonic()
+            if interval_s > 0 and now - last_log >= interval_s:
+                _log_interval(logged, snap, now - last_log)
+                last_log, logged = now, snap
+            if stats_file and snap != written:
+                _write(stats_file, snap)
+                written = snap
+
+    _reporter = threading.Thread(target=run, name="sparsekv-stats", daemon=True)
+    _reporter.start()

@@ -138,11 +138,11 @@ class SparseKVMetadataBuilder(AttentionMetadataBuilder[SparseKVMetadata]):
         self.has_dense_layers = any(compat.layer_index(n) in dense for n in layer_names)
         self.has_sparse_layers = not all(compat.layer_index(n) in dense for n in layer_names)
         self.k_max = self.config.max_selected_pages(self.block_size, self.max_model_len)
+        stats.start_reporter(self.config.log_interval_s, self.config.stats_file)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False):
         cam = common_attn_metadata
         cfg = self.config
-        stats.maybe_log(cfg.log_interval_s, cfg.stats_file)
         nd, npf, ndt, _ = split_decodes_and_prefills(cam, decode_threshold=1, treat_short_extends_as_decodes=False)
         dense_all = self.dense.build(common_prefix_len, cam, fast_build) if self.has_dense_layers else None
         dense_prefill = None
