@@ -1,7 +1,5 @@
-"""Prompts for the engine tests, generated (no data files): short ones, and a passkey retrieval
-prompt of a chosen token length built from varied filler sentences."""
-
-import random
+"""Generated prompts (no data files): a few short ones, and the classic passkey-retrieval prompt of
+a chosen token length. Used by the demo, the engine tests and the serving benchmark."""
 
 SHORT = [
     "The capital of France is",
@@ -9,18 +7,6 @@ SHORT = [
     "List three colors: red,",
     "Water boils at a temperature of",
 ]
-
-_SUBJECTS = ["The river", "A farmer", "The old library", "Our neighbour", "The committee", "A small bird",
-             "The train", "The baker", "An engineer", "The museum"]
-_VERBS = ["opened", "watched", "described", "carried", "painted", "repaired", "visited", "counted"]
-_OBJECTS = ["the wooden bridge", "a basket of apples", "the northern hills", "seven letters", "the garden wall",
-            "a quiet harbour", "the morning market", "an empty classroom"]
-
-
-def filler_sentences(n: int, seed: int) -> list[str]:
-    rng = random.Random(seed)
-    return [f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)}." for _ in range(n)]
-
 
 def passkey_prompt(tokenizer, target_tokens: int, passkey: str, depth: float = 0.5) -> str:
     """The classic passkey-retrieval prompt (Mohtashami & Jaggi, 2023), completion style, of about
