@@ -24,7 +24,9 @@ def test_defaults_and_derived_pages():
 @pytest.mark.parametrize(
     "bad, field, allowed",
     [
-        ({"method": "nope"}, "sparsekv.method", "full, quest"),
+        ({"method": "nope"}, "sparsekv.method", "full, hash, quest"),
+        ({"method": "hash", "hash_bits": 48}, "sparsekv.hash_bits", "multiple of 32"),
+        ({"hash_page_reduce": "mean"}, "sparsekv.hash_page_reduce", "'max' or 'sum'"),
         ({"token_budget": 0}, "sparsekv.token_budget", "positive"),
         ({"budget_fraction": 1.5}, "sparsekv.budget_fraction", "(0, 1]"),
         ({"sink_tokens": -1}, "sparsekv.sink_tokens", ">= 0"),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
@@ -44,6 +44,12 @@ class SparseKVConfig(BaseModel):
     """Layer indices that always run dense (Quest keeps the first two layers dense)."""
     min_context: int = 0
     """Requests whose context is shorter than this decode dense."""
+    hash_bits: int = 128
+    """Code length of the `hash` method (a multiple of 32, 32-256)."""
+    hash_page_reduce: Literal["max", "sum"] = "max"
+    """How the `hash` method turns token scores into a page score."""
+    hash_seed: int = 0
+    """Seed of the `hash` method's fixed random projections."""
     log_interval_s: float = 10.0
     """Seconds between the sparsity log lines (0 turns them off)."""
     stats_file: str | None = None
@@ -58,6 +64,13 @@ class SparseKVConfig(BaseModel):
         if name not in available():
             raise ValueError(f"unknown method {v!r}; allowed: {', '.join(available())}")
         return name
+
+    @field_validator("hash_bits")
+    @classmethod
+    def _bits(cls, v: int) -> int:
+        if v % 32 or not 32 <= v <= 256:
+            raise ValueError(f"must be a multiple of 32 in [32, 256], got {v}")
+        return v
 
     @field_validator("token_budget")
     @classmethod

@@ -227,12 +227,13 @@ class SparseKVImpl(AttentionImpl):
         self.is_dense_layer: bool | None = None
 
     def _setup(self, layer, kv_cache: torch.Tensor) -> None:
-        self.is_dense_layer = compat.layer_index(layer.layer_name) in self.config.dense_layers
+        index = compat.layer_index(layer.layer_name)
+        self.is_dense_layer = index in self.config.dense_layers
         if kv_cache.device.type == "cpu":
             compat.check_cpu_cache_layout(layer.isa, kv_cache.dtype, self.head_size, kv_cache.shape[2])
         if self.is_dense_layer:
             return
-        geometry = LayerGeometry(self.num_heads, self.num_kv_heads, self.head_size, kv_cache.shape[2])
+        geometry = LayerGeometry(self.num_heads, self.num_kv_heads, self.head_size, kv_cache.shape[2], index)
         self.selector = get_method(self.config.method)(self.config, geometry)
         self.selector.allocate(kv_cache.shape[0], kv_cache.dtype, kv_cache.device)
 

@@ -30,6 +30,7 @@ class LayerGeometry:
     num_kv_heads: int
     head_size: int
     block_size: int
+    layer: int = 0
 
     @property
     def group_size(self) -> int:
