@@ -44,6 +44,13 @@ class SparseKVConfig(BaseModel):
     """Layer indices that always run dense (Quest keeps the first two layers dense)."""
     min_context: int = 0
     """Requests whose context is shorter than this decode dense."""
+    budget_allocation: Literal["uniform", "pyramid", "infscore", "headkv"] = "uniform"
+    """How the budget is spread over layers and KV heads (total preserved); infscore/headkv read
+    `head_budgets`."""
+    head_budgets: str | None = None
+    """Path of a head-score profile (`sparsekv profile-heads`) for infscore/headkv allocation."""
+    hash_checkpoint: str | None = None
+    """Trained hash checkpoint (`sparsekv train-hash`) for the trained-hash method."""
     hash_bits: int = 128
     """Code length of the `hash` method (a multiple of 32, 32-256)."""
     hash_page_reduce: Literal["max", "sum"] = "max"

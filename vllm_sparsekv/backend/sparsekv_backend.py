@@ -27,15 +27,11 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
-from vllm_sparsekv import kernels, stats
+from vllm_sparsekv import budgets, kernels, stats
 from vllm_sparsekv.backend import compat
-from vllm_sparsekv.config import SparseKVConfig, load_config
+from vllm_sparsekv.config import load_config
 from vllm_sparsekv.methods import get_method
 from vllm_sparsekv.methods.base import LayerGeometry
-
-
-def current_sparsekv_config() -> SparseKVConfig:
-    return load_config(get_current_vllm_config().additional_config)
 
 
 class SparseKVBackend(AttentionBackend):
@@ -222,9 +218,12 @@ class SparseKVImpl(AttentionImpl):
         self.kv_cache_dtype = kv_cache_dtype
         self.attn_type = attn_type
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
-        self.config = current_sparsekv_config()
+        vllm_config = get_current_vllm_config()
+        self.config = load_config(vllm_config.additional_config)
+        self.num_layers = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
         self.selector = None  # created at the first KV write, when the layer name and cache exist
         self.is_dense_layer: bool | None = None
+        self.budget_weights: torch.Tensor | None = None  # [Hkv] multipliers of this layer's budget
 
     def _setup(self, layer, kv_cache: torch.Tensor) -> None:
         index = compat.layer_index(layer.layer_name)
@@ -233,6 +232,10 @@ class SparseKVImpl(AttentionImpl):
             compat.check_cpu_cache_layout(layer.isa, kv_cache.dtype, self.head_size, kv_cache.shape[2])
         if self.is_dense_layer:
             return
+        w = budgets.layer_head_weights(self.config, self.num_layers, self.num_kv_heads)[index]
+        # None when uniform: the builder's per-request budget is used as is
+        self.budget_weights = None if bool((w == 1).all()) else w.to(kv_cache.device)
+        self.budget_weight_max = float(w.max())  # sizes this layer's static k
         geometry = LayerGeometry(self.num_heads, self.num_kv_heads, self.head_size, kv_cache.shape[2], index)
         self.selector = get_method(self.config.method)(self.config, geometry)
         self.selector.allocate(kv_cache.shape[0], kv_cache.dtype, kv_cache.device)
@@ -277,9 +280,13 @@ class SparseKVImpl(AttentionImpl):
         else:
             scores = self.selector.score_pages(query, key_cache, block_table, seq_lens, md.max_pages)
             k_max = md.k_max
+        budget = md.budget_pages
+        if self.budget_weights is not None and not self.selector.selects_all:
+            budget = torch.round(budget * self.budget_weights).to(torch.int32)
+            k_max = min(md.max_pages, math.ceil(k_max * self.budget_weight_max))
         bs = key_cache.shape[1]
         page_idx, num_selected = kernels.select_pages(
-            scores, seq_lens, bs, md.budget_pages,
+            scores, seq_lens, bs, budget,
             self.config.sink_pages(bs), self.config.recent_pages(bs), k_max,
         )
         kernels.sparse_paged_decode(query, key_cache, value_cache, block_table, seq_lens, page_idx, self.scale, out=out)
