@@ -30,8 +30,9 @@ def _counter(device: torch.device) -> torch.Tensor:
     return c
 
 
-def record(attended: torch.Tensor, held: torch.Tensor, rows: int) -> None:
-    """Add one layer's decode step: `attended`, `held` are 0-d int tensors on the compute device."""
+def record(attended: torch.Tensor, held: torch.Tensor, rows: torch.Tensor) -> None:
+    """Add one layer's decode step: 0-d int tensors on the compute device (graph-safe in-place adds;
+    padded rows of a captured batch hold no pages and count nowhere)."""
     c = _counter(attended.device)
     c[0] += attended
     c[1] += held

@@ -3,7 +3,7 @@
 The engine tests start one subprocess per configuration (stock CPU attention, sparsekv full,
 quest...), so each engine is isolated and the comparisons are made on identical prompts.
 Usage: python runner.py SPEC_JSON  (spec: model, backend, sparsekv, prompts, max_tokens,
-prefix_caching, mode = "batch" | "sequential", max_model_len)
+prefix_caching, mode = "batch" | "sequential", max_model_len, env)
 """
 
 import json
@@ -18,6 +18,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 def main() -> None:
     spec = json.loads(sys.argv[1])
+    os.environ.update(spec.get("env", {}))
     from vllm import LLM, SamplingParams
 
     kw = dict(

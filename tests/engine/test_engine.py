@@ -70,7 +70,8 @@ def test_continuous_batching_with_prefix_caching_equals_one_by_one(smollm2_path,
                SHORT[0], passkey_prompt(tokenizer, 900, "16180", 0.2), base]
     spec = {"model": smollm2_path, "backend": "sparsekv", "sparsekv": SPARSE, "prompts": prompts,
             "max_tokens": 12, "prefix_caching": True, "max_num_batched_tokens": 256}
-    batched = run_engine({**spec, "mode": "batch"})
+    # the batched run also sizes everything as on CUDA (static max_pages/k, persistent buffers)
+    batched = run_engine({**spec, "mode": "batch", "env": {"SPARSEKV_STATIC_SHAPES": "1"}})
     one_by_one = run_engine({**spec, "mode": "sequential"})
     assert batched["stats"]["attended_pages"] < batched["stats"]["held_pages"]
     assert_same_greedy(one_by_one, batched, "batched vs one by one")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -120,7 +121,10 @@ def _slice_prefills(cam: CommonAttentionMetadata, first: int, first_token: int) 
 class SparseKVMetadataBuilder(AttentionMetadataBuilder[SparseKVMetadata]):
     # Decode rows first, so the prefill rows are one contiguous tail for the dense backend.
     reorder_batch_threshold: int = 1
-    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+    # Uniform single-token decode batches can be captured: in static-shape mode every per-step
+    # tensor the decode path reads lives in a buffer allocated here, and the ops have grids that
+    # depend on the batch only. Mixed batches run eagerly (the dense prefill split is per step).
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
 
     def __init__(self, kv_cache_spec, layer_names: list[str], vllm_config: VllmConfig, device: torch.device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
@@ -129,37 +133,53 @@ class SparseKVMetadataBuilder(AttentionMetadataBuilder[SparseKVMetadata]):
         self.block_size = kv_cache_spec.block_size
         self.num_kv_heads = kv_cache_spec.num_kv_heads
         self.max_model_len = vllm_config.model_config.max_model_len
-        self.static_shapes = device.type == "cuda"
+        # CUDA: shapes fixed by max_model_len and the budget (graph-safe). CPU: sized per batch,
+        # unless SPARSEKV_STATIC_SHAPES=1 (how the tests exercise the CUDA sizing on CPU).
+        self.static_shapes = device.type == "cuda" or os.environ.get("SPARSEKV_STATIC_SHAPES") == "1"
         dense = set(self.config.dense_layers)
         self.has_dense_layers = any(compat.layer_index(n) in dense for n in layer_names)
         self.has_sparse_layers = not all(compat.layer_index(n) in dense for n in layer_names)
         self.k_max = self.config.max_selected_pages(self.block_size, self.max_model_len)
+        max_seqs = vllm_config.scheduler_config.max_num_seqs
+        self._seq_lens = torch.zeros(max_seqs, dtype=torch.int32, device=device)
+        self._num_pages = torch.zeros(max_seqs, dtype=torch.int32, device=device)
+        self._budget = torch.zeros(max_seqs, self.num_kv_heads, dtype=torch.int32, device=device)
         stats.start_reporter(self.config.log_interval_s, self.config.stats_file)
+
+    def _split(self, cam: CommonAttentionMetadata) -> tuple[int, int, int]:
+        # Chunked-prefill rows of one token stay prefills (dense) when the runner says which
+        # rows are still prefilling; without that flag they decode sparsely, like any decode.
+        exact = cam.is_prefilling is not None
+        nd, npf, ndt, _ = split_decodes_and_prefills(cam, decode_threshold=1, treat_short_extends_as_decodes=not exact)
+        return nd, npf, ndt
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False):
         cam = common_attn_metadata
         cfg = self.config
-        nd, npf, ndt, _ = split_decodes_and_prefills(cam, decode_threshold=1, treat_short_extends_as_decodes=False)
+        nd, npf, ndt = self._split(cam)
         dense_all = self.dense.build(common_prefix_len, cam, fast_build) if self.has_dense_layers else None
         dense_prefill = None
         if npf and self.has_sparse_layers:
             dense_prefill = self.dense.build(common_prefix_len, _slice_prefills(cam, nd, ndt), fast_build)
 
         bs = self.block_size
-        seq_lens = cam.seq_lens[:nd]
-        num_pages = (seq_lens + bs - 1) // bs
+        seq_lens = self._seq_lens[:nd]
+        seq_lens.copy_(cam.seq_lens[:nd])
+        num_pages = self._num_pages[:nd]
+        torch.floor_divide(seq_lens + (bs - 1), bs, out=num_pages)
+        budget = self._budget[:nd]
         if cfg.method == "full":
-            budget = num_pages
+            budget.copy_(num_pages[:, None])
         elif cfg.token_budget is not None:
-            budget = torch.full_like(num_pages, math.ceil(cfg.token_budget / bs))
+            budget.fill_(math.ceil(cfg.token_budget / bs))
         else:
-            budget = torch.ceil(num_pages.to(torch.float32) * cfg.budget_fraction).to(num_pages.dtype)
+            budget.copy_(torch.ceil(num_pages.to(torch.float32) * cfg.budget_fraction)[:, None])
         if cfg.min_context:
-            budget = torch.where(seq_lens < cfg.min_context, num_pages, budget)
+            budget.copy_(torch.where((seq_lens < cfg.min_context)[:, None], num_pages[:, None], budget))
         if self.static_shapes:
             max_pages = math.ceil(self.max_model_len / bs)
             k_max = self.k_max
-        else:  # CPU: size to this batch, nothing is captured
+        else:
             max_pages = max(1, math.ceil(cam.max_seq_len / bs))
             k_max = min(self.k_max, max_pages)
         return SparseKVMetadata(
@@ -169,13 +189,22 @@ class SparseKVMetadataBuilder(AttentionMetadataBuilder[SparseKVMetadata]):
             num_decode_tokens=ndt,
             dense_all=dense_all,
             dense_prefill=dense_prefill,
-            decode_seq_lens=seq_lens.to(torch.int32),
+            decode_seq_lens=seq_lens,
             decode_block_table=cam.block_table_tensor[:nd],
-            num_pages=num_pages.to(torch.int32),
-            budget_pages=budget.to(torch.int32)[:, None].expand(nd, self.num_kv_heads).contiguous(),
+            num_pages=num_pages,
+            budget_pages=budget,
             max_pages=max_pages,
             k_max=k_max,
         )
+
+    def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata) -> SparseKVMetadata:
+        md = self.build(0, common_attn_metadata)
+        # As vLLM's Triton backend does: capture with 1-token contexts so capture is quick; the
+        # captured kernels read the persistent buffers, which every later build() refills.
+        common_attn_metadata.seq_lens.fill_(1)
+        md.decode_seq_lens.fill_(1)
+        md.num_pages.fill_(1)
+        return md
 
 
 class SparseKVImpl(AttentionImpl):
@@ -290,4 +319,4 @@ class SparseKVImpl(AttentionImpl):
             self.config.sink_pages(bs), self.config.recent_pages(bs), k_max,
         )
         kernels.sparse_paged_decode(query, key_cache, value_cache, block_table, seq_lens, page_idx, self.scale, out=out)
-        stats.record(num_selected.sum(), md.num_pages.sum() * self.num_kv_heads, int(query.shape[0]))
+        stats.record(num_selected.sum(), md.num_pages.sum() * self.num_kv_heads, (md.num_pages > 0).sum())
