@@ -131,35 +131,45 @@ if HAS_TRITON:
         s_cb, s_ct, s_ch, s_cw,
         s_btn, s_btp,
         s_on, s_oh, s_op,
-        P, MAXB,
-        BS: tl.constexpr, G: tl.constexpr, W: tl.constexpr, W_PAD: tl.constexpr,
+        P, MAXB, HKV,
+        BS: tl.constexpr, G: tl.constexpr, W: tl.constexpr, W_PAD: tl.constexpr, HKV_PAD: tl.constexpr,
         PAGES: tl.constexpr, REDUCE_MAX: tl.constexpr, HW_POPC: tl.constexpr,
     ):
-        h = tl.program_id(0)
-        pc = tl.program_id(1)
-        n = tl.program_id(2)
+        """Program (page chunk, n): all KV heads at once, so a block's codes [bs, Hkv, W] are one
+        contiguous read (per-head programs would read 16 B out of every 128 B row)."""
+        pc = tl.program_id(0)
+        n = tl.program_id(1)
         seq = tl.load(sl_ptr + n)
         npages = (seq + BS - 1) // BS
         p = pc * PAGES + tl.arange(0, PAGES)
         pv = (p < npages) & (p < P) & (p < MAXB)
         blk = tl.load(bt_ptr + n * s_btn + p * s_btp, mask=pv, other=0).to(tl.int64)
         o = tl.arange(0, BS)
+        hh = tl.arange(0, HKV_PAD)
         w = tl.arange(0, W_PAD)
         tv = pv[:, None] & ((p[:, None] * BS + o[None, :]) < seq)  # [PAGES, BS]
-        m3 = tv[:, :, None] & (w < W)[None, None, :]
-        kc = tl.load(c_ptr + blk[:, None, None] * s_cb + o[None, :, None] * s_ct + h * s_ch + w[None, None, :] * s_cw,
-                     mask=m3, other=0)
-        ham = tl.zeros([PAGES, BS], dtype=tl.int32)
+        hw = (hh < HKV)[:, None] & (w < W)[None, :]  # [HKV_PAD, W_PAD]
+        m4 = tv[:, :, None, None] & hw[None, None, :, :]
+        addr = (blk[:, None, None, None] * s_cb + o[None, :, None, None] * s_ct
+                + hh[None, None, :, None] * s_ch + w[None, None, None, :] * s_cw)
+        kc = tl.load(c_ptr + addr, mask=m4, other=0)
+        ham = tl.zeros([PAGES, BS, HKV_PAD], dtype=tl.int32)
         for g in tl.static_range(G):
-            qw = tl.load(qc_ptr + n * s_qn + (h * G + g) * s_qh + w * s_qw, mask=w < W, other=0)
-            ham += tl.sum(_popc(kc ^ qw[None, None, :], HW_POPC), axis=2)  # padded words: 0 ^ 0
+            qw = tl.load(qc_ptr + n * s_qn + (hh[:, None] * G + g) * s_qh + w[None, :] * s_qw, mask=hw, other=0)
+            ham += tl.sum(_popc(kc ^ qw[None, None, :, :], HW_POPC), axis=3)  # padded words: 0 ^ 0
         sim = (G * W * 32 - ham).to(tl.float32)
+        t3 = tv[:, :, None]
         if REDUCE_MAX:
-            sc = tl.max(tl.where(tv, sim, float("-inf")), axis=1)
+            sc = tl.max(tl.where(t3, sim, float("-inf")), axis=1)
         else:
-            sc = tl.sum(tl.where(tv, sim, 0.0), axis=1)
-        sc = tl.where(p < npages, sc, float("-inf"))
-        tl.store(out_ptr + n * s_on + h * s_oh + p * s_op, sc, mask=p < P)
+            sc = tl.sum(tl.where(t3, sim, 0.0), axis=1)  # [PAGES, HKV_PAD]
+        sc = tl.where((p < npages)[:, None], sc, float("-inf"))
+        tl.store(out_ptr + n * s_on + hh[None, :] * s_oh + p[:, None] * s_op, sc,
+                 mask=(p < P)[:, None] & (hh < HKV)[None, :])
+
+
+HASH_TILE_WORDS = 8192  # code words per hash-scoring program
+HASH_WARPS = 8
 
 
 def _interpreting() -> bool:
@@ -191,13 +201,14 @@ def hash_page_scores_triton(q_codes, codes, block_table, seq_lens, max_pages, re
     out = torch.empty(N, Hkv, max_pages, dtype=torch.float32, device=codes.device)
     if N == 0 or max_pages == 0:
         return out
-    PAGES = max(1, 256 // bs)
-    grid = (Hkv, cdiv(max_pages, PAGES), N)
+    HKV_PAD, W_PAD = next_pow2(Hkv), next_pow2(W)
+    PAGES = max(1, min(64, HASH_TILE_WORDS // (bs * HKV_PAD * W_PAD)))
+    grid = (cdiv(max_pages, PAGES), N)
     _hash_kernel[grid](
         q_codes, codes, block_table, seq_lens, out,
         *q_codes.stride(), *codes.stride(), *block_table.stride(), *out.stride(),
-        max_pages, block_table.shape[1],
-        BS=bs, G=Hq // Hkv, W=W, W_PAD=next_pow2(W), PAGES=PAGES,
-        REDUCE_MAX=(reduce == "max"), HW_POPC=not _interpreting(), num_warps=4,
+        max_pages, block_table.shape[1], Hkv,
+        BS=bs, G=Hq // Hkv, W=W, W_PAD=W_PAD, HKV_PAD=HKV_PAD, PAGES=PAGES,
+        REDUCE_MAX=(reduce == "max"), HW_POPC=not _interpreting(), num_warps=HASH_WARPS,
     )
     return out

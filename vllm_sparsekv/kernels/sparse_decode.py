@@ -162,9 +162,9 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-TILE_TOKENS = 64  # tokens per inner iteration (pages_per_iter = TILE_TOKENS // block_size, >= 1)
+TILE_TOKENS = 128  # tokens per inner iteration (pages_per_iter = TILE_TOKENS // block_size, >= 1)
 NUM_WARPS = 4
-NUM_STAGES = 3
+NUM_STAGES = 2  # tuned on H100: B=8, 128K, page 16/32 (see benchmarks/README_kernels.md)
 SPLITS_PER_SM = 4  # aim for about this many split programs per SM
 
 
