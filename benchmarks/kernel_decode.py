@@ -228,6 +228,50 @@ def tune(args):
         c.free()
 
 
+def sweep(args):
+    """Launch-knob sweeps of the sparse parts at B=8, L=128K (module globals of the kernels)."""
+    from vllm_sparsekv.kernels import page_scores as PS
+    from vllm_sparsekv.kernels import page_select as SEL
+
+    c = Case(8, 131072, 32)
+    for tw in (2048, 4096, 8192, 16384):
+        for nw in (4, 8):
+            PS.HASH_TILE_WORDS, PS.HASH_WARPS = tw, nw
+            print(f"sweep hash score p32 tile_words={tw} warps={nw}: {bench(c.score('hash'), 15):.4f} ms", flush=True)
+    PS.HASH_TILE_WORDS, PS.HASH_WARPS = 8192, 8
+    c.free()
+    c = Case(8, 131072, 16)
+    for te in (4096, 8192, 16384):
+        for nw in (4, 8):
+            PS.QUEST_TILE_ELEMS, PS.QUEST_WARPS = te, nw
+            print(f"sweep quest score p16 tile_elems={te} warps={nw}: {bench(c.score('quest'), 15):.4f} ms", flush=True)
+    PS.QUEST_TILE_ELEMS, PS.QUEST_WARPS = 8192, 4
+    sc = c.score("quest")()
+    budget = torch.full((8, HKV), 512, dtype=torch.int32, device="cuda")
+    for nw in (4, 8, 16):
+        SEL.SELECT_WARPS = nw
+        ms = bench(lambda: K.select_pages(sc, c.sl, 16, budget, SINK, RECENT, 512), 15)
+        print(f"sweep select P=8192 k=512 warps={nw}: {ms:.4f} ms", flush=True)
+    SEL.SELECT_WARPS = 8
+    idx, _ = K.select_pages(sc, c.sl, 16, budget, SINK, RECENT, 512)
+    for tile in (64, 128):
+        for spm in (2, 4, 8, 16):
+            for nw in (4, 8):
+                ms = bench(lambda: SD.sparse_paged_decode_triton(c.q, c.kc, c.vc, c.bt, c.sl, idx, c.scale, out=c.out,
+                                                                  tile_tokens=tile, splits_per_sm=spm, num_warps=nw), 15)
+                print(f"sweep attend p16 k=512 tile={tile} splits/SM={spm} warps={nw}: {ms:.4f} ms", flush=True)
+    c.free()
+
+
+def ncu_target():
+    c = Case(8, 131072, 32)
+    f = c.score("hash")
+    f()
+    torch.cuda.synchronize()
+    f()
+    torch.cuda.synchronize()
+
+
 def plot(res, path):
     import matplotlib
 
@@ -266,7 +310,13 @@ def main():
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--quick", action="store_true", help="only B=8, L=128K")
     ap.add_argument("--tune", action="store_true", help="sweep the dense launch knobs first")
+    ap.add_argument("--sweep", action="store_true", help="sweep the sparse parts' knobs, then exit")
+    ap.add_argument("--ncu-target", action="store_true", help="run the hash scoring once (for ncu), then exit")
     args = ap.parse_args()
+    if args.sweep:
+        return sweep(args)
+    if args.ncu_target:
+        return ncu_target()
     if args.tune:
         tune(args)
     res = run(args)

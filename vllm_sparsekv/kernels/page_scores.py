@@ -153,10 +153,11 @@ if HAS_TRITON:
         addr = (blk[:, None, None, None] * s_cb + o[None, :, None, None] * s_ct
                 + hh[None, None, :, None] * s_ch + w[None, None, None, :] * s_cw)
         kc = tl.load(c_ptr + addr, mask=m4, other=0)
-        ham = tl.zeros([PAGES, BS, HKV_PAD], dtype=tl.int32)
-        for g in tl.static_range(G):
+        acc = tl.zeros([PAGES, BS, HKV_PAD, W_PAD], dtype=tl.int32)
+        for g in tl.static_range(G):  # accumulate per word, reduce over words once
             qw = tl.load(qc_ptr + n * s_qn + (hh[:, None] * G + g) * s_qh + w[None, :] * s_qw, mask=hw, other=0)
-            ham += tl.sum(_popc(kc ^ qw[None, None, :, :], HW_POPC), axis=3)  # padded words: 0 ^ 0
+            acc += _popc(kc ^ qw[None, None, :, :], HW_POPC)  # padded words: 0 ^ 0
+        ham = tl.sum(acc, axis=3)
         sim = (G * W * 32 - ham).to(tl.float32)
         t3 = tv[:, :, None]
         if REDUCE_MAX:
@@ -168,6 +169,9 @@ if HAS_TRITON:
                  mask=(p < P)[:, None] & (hh < HKV)[None, :])
 
 
+QUEST_TILE_ELEMS = 8192  # bound elements (per min/max) per quest-scoring program
+QUEST_MAX_PAGES = 64
+QUEST_WARPS = 4
 HASH_TILE_WORDS = 8192  # code words per hash-scoring program
 HASH_WARPS = 8
 
@@ -183,13 +187,13 @@ def quest_page_scores_triton(q, bounds, block_table, seq_lens, max_pages, block_
     if N == 0 or max_pages == 0:
         return out
     BLOCK_D = next_pow2(max(D, 16))
-    BLOCK_P = max(8, min(64, 8192 // BLOCK_D))
+    BLOCK_P = max(8, min(QUEST_MAX_PAGES, QUEST_TILE_ELEMS // BLOCK_D))
     grid = (Hkv, cdiv(max_pages, BLOCK_P), N)
     _quest_kernel[grid](
         q, bounds, block_table, seq_lens, out,
         *q.stride(), *bounds.stride(), *block_table.stride(), *out.stride(),
         max_pages, D, block_table.shape[1],
-        BS=block_size, G=Hq // Hkv, BLOCK_P=BLOCK_P, BLOCK_D=BLOCK_D, num_warps=4,
+        BS=block_size, G=Hq // Hkv, BLOCK_P=BLOCK_P, BLOCK_D=BLOCK_D, num_warps=QUEST_WARPS,
     )
     return out
 

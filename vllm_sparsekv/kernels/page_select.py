@@ -141,6 +141,7 @@ if HAS_TRITON:
 
 MAX_SINGLE = 8192  # pages held in registers by one program; beyond: CHUNK-sized passes
 CHUNK = 4096
+SELECT_WARPS = 8
 
 
 def select_pages_triton(scores, seq_lens, block_size, budget_pages, sink_pages, recent_pages, k_max):
@@ -159,6 +160,6 @@ def select_pages_triton(scores, seq_lens, block_size, budget_pages, sink_pages, 
         *scores.stride(), *budget_pages.stride(), *page_idx.stride(),
         P, k_max, sink_pages, recent_pages,
         BS=block_size, BLOCK=BLOCK, NCHUNK=NCHUNK, KBLOCK=min(1024, next_pow2(max(k_max, 16))),
-        num_warps=8 if BLOCK >= 4096 else 4,
+        num_warps=SELECT_WARPS if BLOCK >= 4096 else 4,
     )
     return page_idx, num

@@ -195,11 +195,18 @@ def sparse_paged_decode_triton(q, key_cache, value_cache, block_table, seq_lens,
         out = torch.empty(N, Hq, D, dtype=q.dtype, device=q.device)
     if N == 0:
         return out
-    ppi = max(1, (tile_tokens or TILE_TOKENS) // bs)
+    BLOCK_D = next_pow2(max(D, 16))
+    tile = tile_tokens or TILE_TOKENS
+    esize = q.element_size()
+    while tile > bs and tile * BLOCK_D * esize > 32768:  # K tile <= 32 KiB (fp32 / D=256)
+        tile //= 2
+    ppi = max(1, tile // bs)
+    stages = num_stages or NUM_STAGES
+    while stages > 1 and stages * 2 * ppi * bs * BLOCK_D * esize > 160 * 1024:  # K+V buffers in smem
+        stages -= 1
     S, pps = plan_splits(N, Hkv, K, ppi, q.device, num_splits, splits_per_sm or SPLITS_PER_SM)
     wo = torch.empty(N * Hq * S * D, dtype=torch.float32, device=q.device)
     wl = torch.empty(N * Hq * S, dtype=torch.float32, device=q.device)
-    BLOCK_D = next_pow2(max(D, 16))
     # fp32 inputs: exact fp32 products (no tf32). The interpreter has no bf16/fp16 dot: upcast there.
     ieee = q.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET", "0") == "1"
     _split_kernel[(Hkv, S, N)](
@@ -207,7 +214,7 @@ def sparse_paged_decode_triton(q, key_cache, value_cache, block_table, seq_lens,
         *q.stride(), *key_cache.stride(), *value_cache.stride(), *block_table.stride(), *page_idx.stride(),
         K, pps, S, Hq, D,
         G=G, G_PAD=max(16, next_pow2(G)), BS=bs, BLOCK_D=BLOCK_D, PAGES_PER_ITER=ppi, IEEE=ieee,
-        num_warps=num_warps or NUM_WARPS, num_stages=num_stages or NUM_STAGES,
+        num_warps=num_warps or NUM_WARPS, num_stages=stages,
     )
     _combine_kernel[(Hq, N)](
         wo, wl, out, *out.stride(), S, Hq, D, BLOCK_S=min(32, next_pow2(S)), BLOCK_D=BLOCK_D, num_warps=4,
