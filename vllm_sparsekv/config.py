@@ -51,6 +51,10 @@ class SparseKVConfig(BaseModel):
     """Path of a head-score profile (`sparsekv profile-heads`) for infscore/headkv allocation."""
     hash_checkpoint: str | None = None
     """Trained hash checkpoint (`sparsekv train-hash`) for the trained-hash method."""
+    observation_window: int = 32
+    """snapkv/pyramidkv: prompt queries (the last ones) whose attention picks the kept pages."""
+    pooling_kernel: int = 7
+    """snapkv/pyramidkv: max-pooling width over tokens of the window's attention (1 = none)."""
     hash_bits: int = 128
     """Code length of the `hash` method (a multiple of 32, 32-256)."""
     hash_page_reduce: Literal["max", "sum"] = "max"
@@ -77,6 +81,13 @@ class SparseKVConfig(BaseModel):
     def _bits(cls, v: int) -> int:
         if v % 32 or not 32 <= v <= 256:
             raise ValueError(f"must be a multiple of 32 in [32, 256], got {v}")
+        return v
+
+    @field_validator("observation_window", "pooling_kernel")
+    @classmethod
+    def _at_least_one(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"must be >= 1, got {v}")
         return v
 
     @field_validator("token_budget")
@@ -111,6 +122,8 @@ class SparseKVConfig(BaseModel):
     def _one_budget(self) -> SparseKVConfig:
         if self.token_budget is not None and self.budget_fraction is not None:
             raise ValueError("set token_budget or budget_fraction, not both")
+        if self.method == "pyramidkv" and self.budget_allocation == "uniform":
+            object.__setattr__(self, "budget_allocation", "pyramid")  # PyramidKV = SnapKV + pyramid
         if self.token_budget is None and self.budget_fraction is None:
             object.__setattr__(self, "token_budget", DEFAULT_TOKEN_BUDGET)
         return self

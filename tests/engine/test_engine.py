@@ -33,8 +33,9 @@ def stock_short(smollm2_path, short_prompts):
 
 @pytest.mark.parametrize(
     "sparsekv",
-    [{"method": "full"}, {"method": "quest", "token_budget": 4096, "dense_layers": []}],
-    ids=["full", "quest-budget-above-context"],
+    [{"method": "full"}, {"method": "quest", "token_budget": 4096, "dense_layers": []},
+     {"method": "h2o", "token_budget": 4096, "dense_layers": []}],
+    ids=["full", "quest-budget-above-context", "h2o-budget-above-context"],
 )
 def test_dense_equivalent_configs_match_stock(smollm2_path, short_prompts, stock_short, sparsekv):
     got = run_engine({"model": smollm2_path, "backend": "sparsekv", "sparsekv": sparsekv,
@@ -51,10 +52,20 @@ def passkey_prompts(tokenizer):
     return [passkey_prompt(tokenizer, 2048, key, depth) for key, depth in (("68413", 0.3), ("90275", 0.7))]
 
 
-def test_small_budget_passkey_reads_fewer_pages_and_answers_like_dense(smollm2_path, passkey_prompts):
-    spec = {"model": smollm2_path, "prompts": passkey_prompts, "max_tokens": 6, "max_model_len": 2304}
-    dense = run_engine({**spec, "backend": "stock"})
-    sparse = run_engine({**spec, "backend": "sparsekv", "sparsekv": SPARSE})
+PASSKEY = {"max_tokens": 6, "max_model_len": 2304}
+
+
+@pytest.fixture(scope="module")
+def stock_passkey(smollm2_path, passkey_prompts):
+    return run_engine({"model": smollm2_path, "prompts": passkey_prompts, **PASSKEY, "backend": "stock"})
+
+
+@pytest.mark.parametrize("method", ["quest", "snapkv"])
+def test_small_budget_passkey_reads_fewer_pages_and_answers_like_dense(smollm2_path, passkey_prompts,
+                                                                       stock_passkey, method):
+    dense = stock_passkey
+    sparse = run_engine({"model": smollm2_path, "prompts": passkey_prompts, **PASSKEY, "backend": "sparsekv",
+                         "sparsekv": {**SPARSE, "method": method}})
     for key, d, s in zip(("68413", "90275"), dense["results"], sparse["results"]):
         assert key in d["text"], f"the dense model itself misses the passkey: {d['text']!r}"
         assert key in s["text"], f"sparse decode lost the passkey: {s['text']!r} (dense: {d['text']!r})"

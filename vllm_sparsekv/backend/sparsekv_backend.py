@@ -90,6 +90,10 @@ class SparseKVMetadata:
     budget_pages: torch.Tensor  # [num_decodes, Hkv] int32
     max_pages: int  # static columns of the score tensor
     k_max: int  # static columns of the selection
+    # prefill rows, for methods that score pages from prefill attention (host lists; eager only)
+    prefill_query_start: list[int] | None = None  # [num_prefills + 1], offsets into the prefill tokens
+    prefill_seq_lens: list[int] | None = None
+    prefill_block_table: torch.Tensor | None = None
 
 
 def _slice_prefills(cam: CommonAttentionMetadata, first: int, first_token: int) -> CommonAttentionMetadata:
@@ -140,6 +144,7 @@ class SparseKVMetadataBuilder(AttentionMetadataBuilder[SparseKVMetadata]):
         self.has_dense_layers = any(compat.layer_index(n) in dense for n in layer_names)
         self.has_sparse_layers = not all(compat.layer_index(n) in dense for n in layer_names)
         self.k_max = self.config.max_selected_pages(self.block_size, self.max_model_len)
+        self.needs_prefill_queries = get_method(self.config.method).needs_prefill_queries
         max_seqs = vllm_config.scheduler_config.max_num_seqs
         self._seq_lens = torch.zeros(max_seqs, dtype=torch.int32, device=device)
         self._num_pages = torch.zeros(max_seqs, dtype=torch.int32, device=device)
@@ -182,7 +187,17 @@ class SparseKVMetadataBuilder(AttentionMetadataBuilder[SparseKVMetadata]):
         else:
             max_pages = max(1, math.ceil(cam.max_seq_len / bs))
             k_max = min(self.k_max, max_pages)
+        prefill_rows = {}
+        if npf and self.needs_prefill_queries:
+            qsl = cam.query_start_loc_cpu[nd:]
+            lens = cam.seq_lens_cpu_upper_bound if cam.seq_lens_cpu_upper_bound is not None else cam.seq_lens
+            prefill_rows = dict(
+                prefill_query_start=(qsl - qsl[0]).tolist(),
+                prefill_seq_lens=lens[nd : cam.num_reqs].tolist(),
+                prefill_block_table=cam.block_table_tensor[nd : cam.num_reqs],
+            )
         return SparseKVMetadata(
+            **prefill_rows,
             num_actual_tokens=cam.num_actual_tokens,
             num_decodes=nd,
             num_prefills=npf,
@@ -294,9 +309,18 @@ class SparseKVImpl(AttentionImpl):
                 layer, query[nd:n], None if key is None else key[nd:n], None if value is None else value[nd:n],
                 kv_cache, md.dense_prefill, output[nd:n],
             )
+            if md.prefill_query_start is not None:
+                self._observe_prefill(query[nd:n], kv_cache, md)
         if nd:
             self._sparse_decode(query[:nd], kv_cache, md, output[:nd])
         return output
+
+    def _observe_prefill(self, query, kv_cache, md: SparseKVMetadata) -> None:
+        key_cache, _ = compat.split_kv_cache(kv_cache, self.head_size)
+        starts = md.prefill_query_start
+        for i, seq_len in enumerate(md.prefill_seq_lens):
+            self.selector.observe_prefill(query[starts[i] : starts[i + 1]], key_cache,
+                                          md.prefill_block_table[i], seq_len, self.scale)
 
     def _sparse_decode(self, query, kv_cache, md: SparseKVMetadata, out) -> None:
         key_cache, value_cache = compat.split_kv_cache(kv_cache, self.head_size)

@@ -43,6 +43,8 @@ class PageSelector:
     name: str = ""
     selects_all: bool = False
     """True for methods that attend to every page (no scoring, no side state)."""
+    needs_prefill_queries: bool = False
+    """True for methods that score pages from prefill attention (`observe_prefill` is called)."""
 
     def __init__(self, config, geometry: LayerGeometry):
         self.config = config
@@ -57,6 +59,10 @@ class PageSelector:
 
     def on_kv_write(self, key: torch.Tensor, key_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """Called after the dense backend wrote `key` at `slot_mapping` into `key_cache`."""
+
+    def observe_prefill(self, queries: torch.Tensor, key_cache: torch.Tensor, block_row: torch.Tensor,
+                        seq_len: int, scale: float) -> None:
+        """One request's prefill chunk: `queries` [q, Hq, D] are its last q positions of seq_len."""
 
     def score_pages(
         self,

@@ -1,0 +1,99 @@
+"""SnapKV / H2O page scores from prefill attention, against float64 brute force."""
+
+import pytest
+import torch
+
+from vllm_sparsekv.config import SparseKVConfig
+from vllm_sparsekv.methods import get_method
+from vllm_sparsekv.methods.base import LayerGeometry
+from vllm_sparsekv.methods import prefill_scored
+from vllm_sparsekv.methods.prefill_scored import window_attention
+
+
+def paged(keys, bs, num_blocks, gen):
+    """Scatter keys [L, H, D] into a random-permuted paged cache; return (cache, block_row)."""
+    L, H, D = keys.shape
+    npg = -(-L // bs)
+    block_row = torch.randperm(num_blocks - 1, generator=gen)[:npg] + 1
+    cache = torch.full((num_blocks, bs, H, D), float("nan"))
+    pos = torch.arange(L)
+    cache[block_row[pos // bs], pos % bs] = keys
+    return cache, block_row
+
+
+def brute(queries, keys, scale):
+    """float64 causal attention of the last w queries, summed over queries: [Hq, L]."""
+    w, hq, d = queries.shape
+    L, hkv, _ = keys.shape
+    g = hq // hkv
+    out = torch.zeros(hq, L, dtype=torch.float64)
+    for h in range(hq):
+        for i in range(w):
+            p = L - w + i
+            logit = (keys[: p + 1, h // g].double() @ queries[i, h].double()) * scale
+            out[h, : p + 1] += torch.softmax(logit, 0)
+    return out
+
+
+@pytest.mark.parametrize("g, d, bs, L, w", [(1, 64, 16, 70, 8), (3, 64, 32, 100, 32), (4, 128, 16, 33, 33)])
+def test_window_attention_matches_brute_force(g, d, bs, L, w, monkeypatch):
+    gen = torch.Generator().manual_seed(L + g)
+    monkeypatch.setattr(prefill_scored, "KEY_CHUNK", 24)  # exercise the chunked side pass
+    monkeypatch.setattr(prefill_scored, "QUERY_CHUNK", 5)
+    hkv = 2
+    keys = torch.randn(L, hkv, d, generator=gen)
+    queries = torch.randn(w, hkv * g, d, generator=gen)
+    cache, row = paged(keys, bs, 16, gen)
+    got = window_attention(queries, cache, row, L, d ** -0.5)
+    torch.testing.assert_close(got.double(), brute(queries, keys, d ** -0.5), rtol=1e-5, atol=1e-6)
+
+
+def make(method, g=3, bs=16, **kw):
+    geo = LayerGeometry(num_heads=2 * g, num_kv_heads=2, head_size=64, block_size=bs, layer=3)
+    sel = get_method(method)(SparseKVConfig(method=method, **kw), geo)
+    sel.allocate(16, torch.float32, torch.device("cpu"))
+    return sel
+
+
+def test_snapkv_scores_pages_by_window_mass_and_keeps_new_pages():
+    gen = torch.Generator().manual_seed(0)
+    L, bs, w = 90, 16, 8
+    sel = make("snapkv", bs=bs, observation_window=w, pooling_kernel=1)
+    keys = torch.randn(L, 2, 64, generator=gen)
+    cache, row = paged(keys, bs, 16, gen)
+    sel.on_kv_write(None, cache, (row[:, None] * bs + torch.arange(bs)).reshape(-1)[:L])
+    queries = torch.randn(40, 6, 64, generator=gen)  # a chunk; only its last w are the window
+    sel.observe_prefill(queries, cache, row, L, 0.125)
+    per_tok = brute(queries[-w:], keys, 0.125).view(2, 3, L).sum(1)  # group sum per KV head
+    want = torch.nn.functional.pad(per_tok, (0, 6 * bs - L)).view(2, 6, bs).sum(-1).T
+    torch.testing.assert_close(sel.page_scores[row[:6]].double(), want, rtol=1e-5, atol=1e-6)
+    # a page written after prefill (decode) is kept: +inf until a prefill scores it
+    new_block = int(torch.tensor([b for b in range(1, 16) if b not in row.tolist()][0]))
+    sel.on_kv_write(None, cache, torch.tensor([new_block * bs]))
+    assert sel.page_scores[new_block].isinf().all()
+    bt = torch.cat([row[:6], torch.tensor([new_block])])[None]
+    scores = sel.score_pages(None, cache, bt, torch.tensor([L + 7 * bs - 6 * bs]), 9)
+    assert scores[0, :, 6].isinf().all() and scores[0, :, 7:].eq(float("-inf")).all()
+
+
+def test_h2o_accumulates_over_chunks_like_one_pass():
+    gen = torch.Generator().manual_seed(1)
+    L, bs = 64, 16
+    keys = torch.randn(L, 2, 64, generator=gen)
+    cache, row = paged(keys, bs, 16, gen)
+    q = torch.randn(L, 6, 64, generator=gen)
+    slots = (row[:, None] * bs + torch.arange(bs)).reshape(-1)[:L]
+    one, two = make("h2o", bs=bs), make("h2o", bs=bs)
+    for sel in (one, two):
+        sel.on_kv_write(None, cache, slots)
+    one.observe_prefill(q, cache, row, L, 0.1)
+    two.observe_prefill(q[:40], cache, row, 40, 0.1)  # chunk 1: positions 0..39
+    two.observe_prefill(q[40:], cache, row, L, 0.1)  # chunk 2: positions 40..63
+    torch.testing.assert_close(one.page_scores, two.page_scores, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(one.page_scores[row].sum(0), torch.full((2,), 3.0 * L))  # every query's mass
+
+
+def test_pyramidkv_is_snapkv_with_pyramid_budgets():
+    cfg = SparseKVConfig(method="pyramidkv")
+    assert cfg.budget_allocation == "pyramid"
+    assert issubclass(get_method("pyramidkv"), get_method("snapkv"))

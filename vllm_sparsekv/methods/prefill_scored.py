@@ -1,0 +1,97 @@
+"""Shared machinery of the prefill-time eviction baselines (SnapKV, PyramidKV, H2O).
+
+They decide from prefill attention which prompt pages a request keeps; decode then attends to the
+kept pages (top by score within the budget) plus the sink and recent pages. The per-page score
+lives in a side tensor [num_blocks, Hkv] indexed by physical block, and is computed in a side pass
+over the paged cache, one KV head at a time and in key chunks, so long prompts never materialise a
+full attention matrix. Scores are specific to the request that wrote them, so these methods refuse
+prefix caching at startup (a shared block would carry another request's scores).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_sparsekv.methods.base import PageSelector
+
+KEY_CHUNK = 4096  # keys per step of the side pass
+QUERY_CHUNK = 256  # queries per step (H2O scores every prompt query)
+
+
+def window_attention(queries: torch.Tensor, key_cache: torch.Tensor, block_row: torch.Tensor,
+                     seq_len: int, scale: float) -> torch.Tensor:
+    """Causal softmax attention of the request's last `w` query tokens (positions seq_len-w ..
+    seq_len-1) over its keys, summed over the queries: [Hq, seq_len] float32.
+
+    queries [w, Hq, D]; key_cache [B, bs, Hkv, D] (strided view); block_row [max_blocks] int.
+    Keys are gathered once per KEY_CHUNK; queries go QUERY_CHUNK at a time."""
+    w, hq, d = queries.shape
+    bs, hkv = key_cache.shape[1], key_cache.shape[2]
+    g = hq // hkv
+    dev = queries.device
+    keys = []
+    for start in range(0, seq_len, KEY_CHUNK):
+        pos = torch.arange(start, min(seq_len, start + KEY_CHUNK), device=dev)
+        keys.append(key_cache[block_row[pos // bs].long(), pos % bs].float().transpose(0, 1))  # [Hkv, L, D]
+    kpos = torch.arange(seq_len, device=dev)
+    total = torch.zeros(hkv, g, seq_len, dtype=torch.float32, device=dev)
+    for q0 in range(0, w, QUERY_CHUNK):
+        q1 = min(w, q0 + QUERY_CHUNK)
+        q = queries[q0:q1].float().permute(1, 0, 2).reshape(hkv, g * (q1 - q0), d)  # rows (g, i)
+        qpos = torch.arange(seq_len - w + q0, seq_len - w + q1, device=dev).repeat(g)
+        logits = torch.cat([torch.bmm(q, k.transpose(1, 2)) for k in keys], dim=-1) * scale
+        logits.masked_fill_(kpos[None, None, :] > qpos[None, :, None], float("-inf"))
+        total += torch.softmax(logits, dim=-1).view(hkv, g, q1 - q0, seq_len).sum(2)
+    return total.reshape(hq, seq_len)
+
+
+def pages_of(token_scores: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[H, L] per-token scores -> [H, ceil(L / bs)] per-page sums."""
+    h, length = token_scores.shape
+    pad = (-length) % block_size
+    return torch.nn.functional.pad(token_scores, (0, pad)).view(h, -1, block_size).sum(-1)
+
+
+class PrefillScoredSelector(PageSelector):
+    """Subclasses define `token_scores` (per query head, per token) and whether chunk scores
+    replace earlier ones (SnapKV: the last observation window decides) or add up (H2O)."""
+
+    needs_prefill_queries = True
+    accumulate = False
+    fresh_block_score = float("inf")  # a block not yet scored by a prefill (decode pages) is kept
+    page_scores: torch.Tensor | None = None
+
+    def allocate(self, num_blocks, dtype, device):
+        self.page_scores = torch.zeros(num_blocks, self.geometry.num_kv_heads, dtype=torch.float32, device=device)
+
+    def side_bytes_per_block(self, dtype):
+        return 4 * self.geometry.num_kv_heads
+
+    def on_kv_write(self, key, key_cache, slot_mapping):
+        slots = slot_mapping[slot_mapping >= 0]
+        fresh = slots[slots % self.geometry.block_size == 0] // self.geometry.block_size
+        self.page_scores[fresh] = self.fresh_block_score
+
+    def token_scores(self, queries, key_cache, block_row, seq_len, scale) -> torch.Tensor:
+        raise NotImplementedError
+
+    def observe_prefill(self, queries, key_cache, block_row, seq_len: int, scale: float) -> None:
+        """One request's prefill chunk: `queries` [q, Hq, D] are its last q prompt positions."""
+        g = self.geometry
+        per_token = self.token_scores(queries, key_cache, block_row, seq_len, scale)  # [Hq, L]
+        per_head = per_token.view(g.num_kv_heads, g.group_size, seq_len).sum(1)
+        pages = pages_of(per_head, g.block_size).transpose(0, 1)  # [P, Hkv]
+        blocks = block_row[: pages.shape[0]].long()
+        if self.accumulate:
+            self.page_scores.index_add_(0, blocks, pages)
+        else:
+            self.page_scores[blocks] = pages
+
+    def score_pages(self, query, key_cache, block_table, seq_lens, max_pages):
+        bt = block_table[:, :max_pages].long().clamp(min=0)
+        if bt.shape[1] < max_pages:
+            bt = torch.nn.functional.pad(bt, (0, max_pages - bt.shape[1]))
+        scores = self.page_scores[bt].transpose(1, 2)  # [N, Hkv, P]
+        num_pages = (seq_lens.long() + self.geometry.block_size - 1) // self.geometry.block_size
+        p = torch.arange(max_pages, device=scores.device)
+        return scores.masked_fill(p[None, None, :] >= num_pages[:, None, None], float("-inf"))
