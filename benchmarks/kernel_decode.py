@@ -238,7 +238,8 @@ def sweep(args):
         for nw in (4, 8):
             PS.HASH_TILE_WORDS, PS.HASH_WARPS = tw, nw
             print(f"sweep hash score p32 tile_words={tw} warps={nw}: {bench(c.score('hash'), 15):.4f} ms", flush=True)
-    PS.HASH_TILE_WORDS, PS.HASH_WARPS = 8192, 8
+    print(f"sweep hash_query alone: {bench(lambda: K.hash_query(c.q, c.proj), 15):.4f} ms", flush=True)
+    PS.HASH_TILE_WORDS, PS.HASH_WARPS = 4096, 4
     c.free()
     c = Case(8, 131072, 16)
     for te in (4096, 8192, 16384):
@@ -265,7 +266,8 @@ def sweep(args):
 
 def ncu_target():
     c = Case(8, 131072, 32)
-    f = c.score("hash")
+    qc = K.hash_query(c.q, c.proj)
+    f = lambda: K.hash_page_scores(qc, c.codes, c.bt, c.sl, c.P, "max")  # noqa: E731
     f()
     torch.cuda.synchronize()
     f()

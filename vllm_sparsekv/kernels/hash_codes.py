@@ -50,13 +50,15 @@ if HAS_TRITON:
         BS: tl.constexpr, W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
         SCATTER: tl.constexpr,
     ):
-        """One program: BLOCK_M rows of head h, all W words.
+        """One program: BLOCK_M rows of head h, word w (grid axis 2: a decode batch still spreads
+        over rows x heads x words programs).
         SCATTER (hash_codes_update): rows are new keys of KV head h, written to
         codes[slot // BS, slot % BS, h, :] (strides s_o0, s_o1, s_oh, s_ow); slot < 0 skipped.
         else (hash_query): rows are decode queries, query head h uses projection[h // G],
         out[m, h, :] (strides s_o0, -, s_oh, s_ow)."""
         pm = tl.program_id(0)
         h = tl.program_id(1)
+        w = tl.program_id(2)
         rows = pm * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < M
         d = tl.arange(0, BLOCK_D)
@@ -72,13 +74,12 @@ if HAS_TRITON:
         else:
             wmask = rmask
             obase = out_ptr + rows.to(tl.int64) * s_o0 + h * s_oh
-        for w in tl.static_range(W):
-            p = tl.load(proj_ptr + hp * s_ph + d[:, None] * s_pd + (w * 32 + bit[None, :]) * s_pk,
-                        mask=d[:, None] < D, other=0.0).to(tl.float32)
-            y = tl.dot(x, p, input_precision="ieee")  # [BLOCK_M, 32], exact fp32 products
-            b = (y > 0).to(tl.uint32) << bit[None, :].to(tl.uint32)
-            word = tl.sum(b, axis=1).to(tl.int32, bitcast=True)  # distinct bits: sum == or
-            tl.store(obase + w * s_ow, word, mask=wmask)
+        p = tl.load(proj_ptr + hp * s_ph + d[:, None] * s_pd + (w * 32 + bit[None, :]) * s_pk,
+                    mask=d[:, None] < D, other=0.0).to(tl.float32)
+        y = tl.dot(x, p, input_precision="ieee")  # [BLOCK_M, 32], exact fp32 products
+        b = (y > 0).to(tl.uint32) << bit[None, :].to(tl.uint32)
+        word = tl.sum(b, axis=1).to(tl.int32, bitcast=True)  # distinct bits: sum == or
+        tl.store(obase + w * s_ow, word, mask=wmask)
 
 
 def _block_m(m: int) -> int:
@@ -95,7 +96,7 @@ def hash_codes_update_triton(key, slot_mapping, projection, codes):
         return codes
     D = key.shape[2]
     BM = _block_m(T)
-    _hash_kernel[(triton.cdiv(T, BM), Hkv)](
+    _hash_kernel[(triton.cdiv(T, BM), Hkv, W)](
         key, projection, slots, codes, T, D, 1,
         *key.stride(), *projection.stride(), *codes.stride(),
         BS=bs, W=W, BLOCK_M=BM, BLOCK_D=next_pow2(max(D, 16)), SCATTER=True,
@@ -109,7 +110,7 @@ def hash_query_triton(q, projection):
     W = bits // 32
     out = torch.empty(N, Hq, W, dtype=torch.int32, device=q.device)
     BM = _block_m(N)
-    _hash_kernel[(triton.cdiv(N, BM), Hq)](
+    _hash_kernel[(triton.cdiv(N, BM), Hq, W)](
         q, projection, q, out, N, D, Hq // Hkv,
         *q.stride(), *projection.stride(), out.stride(0), 0, out.stride(1), out.stride(2),
         BS=1, W=W, BLOCK_M=BM, BLOCK_D=next_pow2(max(D, 16)), SCATTER=False,

@@ -125,7 +125,7 @@ if HAS_TRITON:
             return (u & 0x3F).to(tl.int32)
 
     @triton.jit
-    def _hash_kernel(
+    def _hash_score_kernel(
         qc_ptr, c_ptr, bt_ptr, sl_ptr, out_ptr,
         s_qn, s_qh, s_qw,
         s_cb, s_ct, s_ch, s_cw,
@@ -172,8 +172,8 @@ if HAS_TRITON:
 QUEST_TILE_ELEMS = 8192  # bound elements (per min/max) per quest-scoring program
 QUEST_MAX_PAGES = 64
 QUEST_WARPS = 4
-HASH_TILE_WORDS = 8192  # code words per hash-scoring program
-HASH_WARPS = 8
+HASH_TILE_WORDS = 4096  # code words per hash-scoring program (H100 sweep)
+HASH_WARPS = 4
 
 
 def _interpreting() -> bool:
@@ -208,7 +208,7 @@ def hash_page_scores_triton(q_codes, codes, block_table, seq_lens, max_pages, re
     HKV_PAD, W_PAD = next_pow2(Hkv), next_pow2(W)
     PAGES = max(1, min(64, HASH_TILE_WORDS // (bs * HKV_PAD * W_PAD)))
     grid = (cdiv(max_pages, PAGES), N)
-    _hash_kernel[grid](
+    _hash_score_kernel[grid](
         q_codes, codes, block_table, seq_lens, out,
         *q_codes.stride(), *codes.stride(), *block_table.stride(), *out.stride(),
         max_pages, block_table.shape[1], Hkv,
