@@ -64,6 +64,10 @@ class SparseKVBackend(AttentionBackend):
         return compat.dense_backend_cls().get_supported_head_sizes()
 
     @classmethod
+    def supports_head_size(cls, head_size: int) -> bool:
+        return compat.dense_backend_cls().supports_head_size(head_size)
+
+    @classmethod
     def supported_kv_cache_layouts(cls):
         return compat.dense_backend_cls().supported_kv_cache_layouts()
 
