@@ -7,12 +7,22 @@ stops `vllm serve` / `LLM(...)` with a message naming the option instead of fail
 from __future__ import annotations
 
 from vllm_sparsekv.config import SparseKVConfigError, load_config
+from vllm_sparsekv.methods import get_method
 
 
 def validate_engine_config(vllm_config) -> None:
-    load_config(vllm_config.additional_config)  # raises SparseKVConfigError naming the field
+    cfg = load_config(vllm_config.additional_config)  # raises SparseKVConfigError naming the field
     problems = []
     model = vllm_config.model_config
+    check = getattr(get_method(cfg.method), "validate_model", None)  # e.g. a trained checkpoint's geometry
+    if model is not None and check is not None:
+        try:
+            check(cfg, model.get_total_num_hidden_layers(), model.get_total_num_kv_heads(), model.get_head_size())
+        except ValueError as e:
+            raise SparseKVConfigError(str(e)) from None
+        tp = getattr(vllm_config.parallel_config, "tensor_parallel_size", 1)
+        if tp != 1:
+            problems.append(f"method {cfg.method!r} with tensor_parallel_size={tp} (its weights are per KV head of the whole model)")
     if model is not None:
         if getattr(model, "use_mla", False):
             problems.append("MLA attention (DeepSeek-style latent KV) is not supported")

@@ -2,7 +2,12 @@
 fixed random matrix per (layer, KV head) and reduced to sign bits; a token's score is the Hamming
 similarity of its code to the GQA group's query codes, a page's score the max (or sum) over its
 tokens. Codes are kept per token and KV head — `hash_bits` / 8 bytes each, an eighth of a bf16 key
-at 128 bits and d=128 — in a side tensor indexed by physical block, like Quest's bounds."""
+at 128 bits and d=128 — in a side tensor indexed by physical block, like Quest's bounds.
+
+`HashSelector` is the code path shared with the trained hash (`spotlight.py`): a hash is
+`sign(features(x) @ projection)`, where `features` is the identity here and the hidden layer of a
+small MLP there; the last (linear) step, the sign, the packing and the scatter into the side tensor
+are always the kernels' `hash_codes_update` / `hash_query`."""
 
 from __future__ import annotations
 
@@ -18,27 +23,56 @@ def linear_projection(num_kv_heads: int, head_size: int, bits: int, seed: int, l
     return torch.randn(num_kv_heads, head_size, bits, generator=gen, dtype=torch.float32)
 
 
-@register("hash")
-class LinearHashSelector(PageSelector):
+class HashSelector(PageSelector):
+    """Per-token sign codes per KV head, scored by Hamming similarity (hash_page_scores).
+
+    Subclasses provide `make_projections(device) -> (key_projection [Hkv, F, bits],
+    query_projection [Hkv, F, bits])` and may override `key_features` ([T, Hkv, D] -> [T, Hkv, F])
+    and `query_features` ([N, Hq, D] -> [N, Hq, F]); both default to the identity (F = D)."""
+
     codes: torch.Tensor | None = None
-    projection: torch.Tensor | None = None
+    key_projection: torch.Tensor | None = None
+    query_projection: torch.Tensor | None = None
+
+    @property
+    def bits(self) -> int:
+        return self.config.hash_bits
+
+    def make_projections(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def key_features(self, key: torch.Tensor) -> torch.Tensor:
+        return key
+
+    def query_features(self, query: torch.Tensor) -> torch.Tensor:
+        return query
 
     def allocate(self, num_blocks, dtype, device):
         g = self.geometry
-        words = self.config.hash_bits // 32
-        self.codes = torch.zeros(num_blocks, g.block_size, g.num_kv_heads, words, dtype=torch.int32, device=device)
-        self.projection = linear_projection(
-            g.num_kv_heads, g.head_size, self.config.hash_bits, self.config.hash_seed, g.layer
-        ).to(device)
+        self.codes = torch.zeros(num_blocks, g.block_size, g.num_kv_heads, self.bits // 32, dtype=torch.int32,
+                                 device=device)
+        self.key_projection, self.query_projection = self.make_projections(device)
 
     def side_bytes_per_block(self, dtype):
         g = self.geometry
-        return g.block_size * g.num_kv_heads * self.config.hash_bits // 8
+        return g.block_size * g.num_kv_heads * self.bits // 8
 
     def on_kv_write(self, key, key_cache, slot_mapping):
-        kernels.hash_codes_update(key, slot_mapping, self.projection, self.codes)
+        kernels.hash_codes_update(self.key_features(key), slot_mapping, self.key_projection, self.codes)
 
     def score_pages(self, query, key_cache, block_table, seq_lens, max_pages):
-        q_codes = kernels.hash_query(query, self.projection)
+        q_codes = kernels.hash_query(self.query_features(query), self.query_projection)
         return kernels.hash_page_scores(q_codes, self.codes, block_table, seq_lens, max_pages,
                                         self.config.hash_page_reduce)
+
+
+@register("hash")
+class LinearHashSelector(HashSelector):
+    def make_projections(self, device):
+        g = self.geometry
+        p = linear_projection(g.num_kv_heads, g.head_size, self.bits, self.config.hash_seed, g.layer).to(device)
+        return p, p
+
+    @property
+    def projection(self) -> torch.Tensor | None:  # the name earlier code and tests use
+        return self.key_projection
