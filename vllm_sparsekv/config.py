@@ -12,7 +12,7 @@ import math
 import os
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 ENV_VAR = "VLLM_SPARSEKV_CONFIG"
 CONFIG_KEY = "sparsekv"
@@ -47,8 +47,12 @@ class SparseKVConfig(BaseModel):
     budget_allocation: Literal["uniform", "pyramid", "infscore", "headkv"] = "uniform"
     """How the budget is spread over layers and KV heads (total preserved); infscore/headkv read
     `head_budgets`."""
-    head_budgets: str | None = None
+    head_budgets: str | None = Field(default=None, validate_default=True)
     """Path of a head-score profile (`sparsekv profile-heads`) for infscore/headkv allocation."""
+    budget_beta: float = 1.351
+    """infscore/headkv: each head keeps 1 - 1/beta of the uniform budget; the rest is shared by score."""
+    budget_temp: float = 1.0
+    """infscore/headkv: head scores are raised to this power before sharing (sharper when > 1)."""
     hash_checkpoint: str | None = None
     """Trained hash checkpoint (`sparsekv train-hash`) for the trained-hash method."""
     observation_window: int = 32
@@ -117,6 +121,32 @@ class SparseKVConfig(BaseModel):
         if any(i < 0 for i in v):
             raise ValueError(f"layer indices must be >= 0, got {v}")
         return sorted(set(v))
+
+    @field_validator("budget_beta")
+    @classmethod
+    def _beta(cls, v: float) -> float:
+        if not (math.isfinite(v) and v >= 1.0):
+            raise ValueError(f"must be >= 1 (1: the whole budget is shared by score), got {v}")
+        return v
+
+    @field_validator("budget_temp")
+    @classmethod
+    def _temp(cls, v: float) -> float:
+        if not (math.isfinite(v) and v > 0):
+            raise ValueError(f"must be > 0, got {v}")
+        return v
+
+    @field_validator("head_budgets")
+    @classmethod
+    def _head_budgets(cls, v: str | None, info: ValidationInfo) -> str | None:
+        kind = info.data.get("budget_allocation")
+        if kind in ("infscore", "headkv"):
+            if not v:
+                raise ValueError(f"budget_allocation={kind!r} needs a head-score profile; run "
+                                 "`sparsekv profile-heads MODEL --out FILE.json` and set head_budgets to it")
+            if not os.path.isfile(v):
+                raise ValueError(f"file not found: {v}")
+        return v
 
     @model_validator(mode="after")
     def _one_budget(self) -> SparseKVConfig:

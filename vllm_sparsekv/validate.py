@@ -46,3 +46,16 @@ def validate_engine_config(vllm_config) -> None:
         raise SparseKVConfigError(
             "--attention-backend sparsekv cannot serve this configuration:\n  - " + "\n  - ".join(problems)
         )
+    _check_head_budgets(vllm_config)
+
+
+def _check_head_budgets(vllm_config) -> None:
+    """infscore/headkv: the head-score profile must describe this model (layers x KV heads)."""
+    from vllm_sparsekv.budgets import check_profile
+
+    cfg, model = load_config(vllm_config.additional_config), vllm_config.model_config
+    if model is not None and cfg.budget_allocation in ("infscore", "headkv"):
+        try:
+            check_profile(cfg, model.get_total_num_hidden_layers(), model.get_total_num_kv_heads())
+        except ValueError as e:
+            raise SparseKVConfigError(str(e)) from None

@@ -1,0 +1,198 @@
+"""Per-(layer, KV head) budget multipliers (budgets.py): hand-checked small cases."""
+
+import json
+import os
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from vllm_sparsekv import budgets
+from vllm_sparsekv.budgets import HeadBudgetsError
+from vllm_sparsekv.config import SparseKVConfig
+
+PROFILE = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results", "head_scores_smollm2.json")
+
+
+def _profile(tmp_path, layers, heads, inf, retr=None, name="p.json"):
+    p = tmp_path / name
+    p.write_text(json.dumps({"model": "tiny", "num_layers": layers, "num_kv_heads": heads,
+                             "scores": {"infscore": inf, "headkv_retrieval": retr if retr is not None else inf}}))
+    return str(p)
+
+
+def test_headkv_hand_checked():
+    # s = [.25, .75]; beta 2: w = (1 - 1/2) + 2 * s / 2
+    w = budgets.headkv(torch.tensor([1.0, 3.0]), beta=2.0)
+    torch.testing.assert_close(w, torch.tensor([0.75, 1.25], dtype=torch.float64))
+    # temp 2: s^2 = [1/16, 9/16] -> [.1, .9]
+    w = budgets.headkv(torch.tensor([1.0, 3.0]), beta=2.0, temp=2.0)
+    torch.testing.assert_close(w, torch.tensor([0.6, 1.4], dtype=torch.float64))
+    # beta 1: all of the budget follows the scores
+    torch.testing.assert_close(budgets.headkv(torch.tensor([1.0, 3.0]), beta=1.0),
+                               torch.tensor([0.5, 1.5], dtype=torch.float64))
+
+
+def test_infscore_collaborative_hand_checked():
+    S = torch.tensor([[1.0, 3.0], [1.0, 1.0]])
+    # eps 0: layer aggregates [4, 2] times in-layer shares = S / 6; w = .5 + 4 * share / 2
+    w = budgets.infscore(S, beta=2.0, layer_eps=0.0)
+    torch.testing.assert_close(w, torch.tensor([[5 / 6, 1.5], [5 / 6, 5 / 6]], dtype=torch.float64))
+    # eps 1: layer shares (4 + 1, 2 + 1) -> [[1.25, 3.75], [1.5, 1.5]] / 8; the weaker layer gains
+    w = budgets.infscore(S, beta=2.0, layer_eps=1.0)
+    torch.testing.assert_close(w, torch.tensor([[0.8125, 1.4375], [0.875, 0.875]], dtype=torch.float64))
+    assert abs(float(w.mean()) - 1) < 1e-12
+    # a layer whose heads all score 0 gets only the eps share, spread evenly
+    w = budgets.infscore(torch.tensor([[2.0, 2.0], [0.0, 0.0]]), beta=2.0, layer_eps=1.0)
+    torch.testing.assert_close(w[1], torch.tensor([2 / 3, 2 / 3], dtype=torch.float64))  # .5 + 2 * (.5 / 6)
+
+
+def test_floor_keeps_the_total():
+    w = budgets.apply_floor(torch.tensor([0.2, 1.0, 1.8]), 0.5)
+    torch.testing.assert_close(w, torch.tensor([0.5, 1 - 0.5 / 6, 1 + 0.5 / 6 + 0.5], dtype=torch.float64))
+    assert abs(float(w.mean()) - 1) < 1e-12
+    assert budgets.apply_floor(torch.tensor([0.2, 1.8]), 1.5).tolist() == [1.0, 1.0]
+
+
+def test_integer_pages_exact_total():
+    assert budgets.integer_pages(torch.tensor([0.75, 1.25]), 3).tolist() == [2.0, 4.0]
+    p = budgets.integer_pages(torch.tensor([1 / 3, 1 / 3, 7 / 3]), 4, min_pages=1)
+    assert p.sum() == 12 and (p >= 1).all()
+
+
+def test_layer_head_weights_from_profile(tmp_path):
+    inf = [[0.9, 0.9], [0.0, 0.8], [0.1, 0.2], [0.05, 0.0]]
+    path = _profile(tmp_path, 4, 2, inf)
+    for kind in ("infscore", "headkv"):
+        cfg = SparseKVConfig(budget_allocation=kind, head_budgets=path, dense_layers=[0], token_budget=256,
+                             sink_tokens=32, recent_tokens=32, budget_beta=1.5)
+        w = budgets.layer_head_weights(cfg, 4, 2, block_size=32)
+        assert w[0].tolist() == [1.0, 1.0]  # dense layer
+        pages = w[1:] * 8  # B = 8 pages; the backend's round(B * w) is then exact
+        assert torch.allclose(pages, pages.round(), atol=1e-5)
+        assert int(pages.round().sum()) == 8 * 6  # the total budget, exactly
+        assert bool((pages.round() >= 2).all())  # sink + recent pages
+        assert float(w[1, 1]) > float(w[3, 0])  # follows the scores
+        w2 = budgets.layer_head_weights(cfg, 4, 2)  # no block size: float multipliers, mean 1
+        assert abs(float(w2[1:].double().mean()) - 1) < 1e-6
+        assert float(w2[1:].min()) >= 64 / 256 - 1e-6
+
+
+def test_uniform_and_pyramid_unchanged():
+    cfg = SparseKVConfig(dense_layers=[0, 1])
+    assert bool((budgets.layer_head_weights(cfg, 6, 3) == 1).all())
+    w = budgets.layer_head_weights(SparseKVConfig(budget_allocation="pyramid", dense_layers=[0]), 5, 2)
+    assert abs(float(w[1:].mean()) - 1) < 1e-6 and float(w[1, 0]) > float(w[4, 0])
+
+
+def test_profile_errors(tmp_path):
+    path = _profile(tmp_path, 4, 2, [[1, 1]] * 4)
+    cfg = SparseKVConfig(budget_allocation="infscore", head_budgets=path, dense_layers=[])
+    with pytest.raises(HeadBudgetsError, match=r"head_budgets.*4 layers x 2 KV heads.*30 layers x 3 KV heads"):
+        budgets.layer_head_weights(cfg, 30, 3)
+    with pytest.raises(HeadBudgetsError, match="head_budgets"):
+        budgets.check_profile(cfg, 4, 3)
+    zero = _profile(tmp_path, 2, 1, [[0.0], [0.0]], name="z.json")
+    with pytest.raises(HeadBudgetsError, match="score is 0"):
+        budgets.layer_head_weights(SparseKVConfig(budget_allocation="headkv", head_budgets=zero, dense_layers=[]), 2, 1)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(HeadBudgetsError, match="not a readable JSON"):
+        budgets.load_head_scores(str(bad), 2, 1, "infscore")
+    with pytest.raises(HeadBudgetsError, match="head_budgets: required"):
+        budgets.load_head_scores(None, 2, 1, "infscore")
+
+
+def test_config_names_head_budgets(tmp_path):
+    with pytest.raises(ValidationError, match="head_budgets"):
+        SparseKVConfig(budget_allocation="infscore")
+    with pytest.raises(ValidationError, match="file not found"):
+        SparseKVConfig(budget_allocation="headkv", head_budgets=str(tmp_path / "missing.json"))
+    with pytest.raises(ValidationError, match="budget_beta"):
+        SparseKVConfig(budget_beta=0.9)
+    with pytest.raises(ValidationError, match="budget_temp"):
+        SparseKVConfig(budget_temp=0)
+
+
+@pytest.mark.skipif(not os.path.exists(PROFILE), reason="no committed SmolLM2 profile")
+def test_committed_smollm2_profile_allocates():
+    for kind in ("infscore", "headkv"):
+        cfg = SparseKVConfig(budget_allocation=kind, head_budgets=PROFILE, token_budget=256,
+                             sink_tokens=32, recent_tokens=32)
+        w = budgets.layer_head_weights(cfg, 30, 3, block_size=32)
+        assert abs(float(w[2:].double().mean()) - 1) < 1e-6 and float(w[2:].min()) >= 0.25 - 1e-6
+
+
+class _Model:
+    use_mla = False
+    is_encoder_decoder = False
+
+    def __init__(self, layers, kv_heads):
+        self.layers, self.kv_heads = layers, kv_heads
+
+    def get_sliding_window(self):
+        return None
+
+    def get_total_num_hidden_layers(self):
+        return self.layers
+
+    def get_total_num_kv_heads(self):
+        return self.kv_heads
+
+    def get_head_size(self):
+        return 64
+
+
+def test_startup_validation_names_the_mismatch(tmp_path):
+    from types import SimpleNamespace
+
+    from vllm_sparsekv.config import SparseKVConfigError
+    from vllm_sparsekv.validate import validate_engine_config
+
+    path = _profile(tmp_path, 4, 2, [[1, 2]] * 4)
+    sk = {"method": "quest", "budget_allocation": "headkv", "head_budgets": path}
+
+    def vc(layers, heads):
+        return SimpleNamespace(additional_config={"sparsekv": sk}, model_config=_Model(layers, heads),
+                               cache_config=None, parallel_config=SimpleNamespace(tensor_parallel_size=1),
+                               kv_transfer_config=None)
+
+    validate_engine_config(vc(4, 2))
+    with pytest.raises(SparseKVConfigError, match=r"head_budgets.*4 layers x 2 KV heads.*30 layers x 3 KV heads"):
+        validate_engine_config(vc(30, 3))
+
+
+# ---------------------------------------------------------------------------- the profiler's metrics
+
+
+def test_head_metrics_hand_checked():
+    from vllm_sparsekv.tools.profile_heads import head_metrics
+
+    attn = torch.tensor([[0.05, 0.4, 0.1, 0.3, 0.05, 0.1]])  # needle = positions 1, 2; top-2 = 1, 3
+    m = head_metrics(attn, (1, 3), top_k=2)
+    expect = {"diligent": 0.4, "distracted": 0.3, "subconscious": 0.1, "diffuse": 0.2, "diliscore": 4 / 7,
+              "lazyscore": 0.8, "infscore": 2 / 3, "headkv_retrieval": 0.4, "topk_in_needle": 1.0}
+    for k, v in expect.items():
+        assert abs(float(m[k]) - v) < 1e-6, (k, float(m[k]), v)
+
+
+def test_captured_attention_rows_equal_eager_attention():
+    pytest.importorskip("transformers")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from vllm_sparsekv.tools.profile_heads import _register, attention_rows, to_kv_heads
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    eager = LlamaForCausalLM(cfg).eval()
+    eager.config._attn_implementation = "eager"
+    ids = torch.randint(0, 128, (1, 40))
+    with torch.no_grad():
+        ref = eager(ids, output_attentions=True).attentions  # per layer [1, Hq, T, T]
+    _register(eager)
+    rows = [30, 35, 39]
+    got = attention_rows(eager, ids[0].tolist(), rows)
+    for layer, a in enumerate(got):
+        torch.testing.assert_close(a, ref[layer][0, :, rows, :].float(), rtol=1e-4, atol=1e-5)
+    assert to_kv_heads(torch.tensor([[1.0, 3.0, 5.0, 7.0]]), 2).tolist() == [[2.0, 6.0]]

@@ -1,0 +1,25 @@
+"""`streaming`: StreamingLLM (Xiao et al., 2023): attention sinks plus a window of the most recent
+tokens. Pages are scored by position, so the shared top-k keeps the latest pages within the budget;
+the first `sink_tokens` (the sinks) are forced by the selection like for every method. No side
+state, nothing to update at KV writes: the window moves with the sequence, and pages that left it
+are simply not read (evicting them is the passive store's job once it exists)."""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_sparsekv.methods.base import PageSelector, register
+
+
+def position_scores(seq_lens: torch.Tensor, block_size: int, num_kv_heads: int, max_pages: int) -> torch.Tensor:
+    """[N] lengths -> [N, Hkv, max_pages] float32: the page index (later is better), -inf past the end."""
+    pages = torch.arange(max_pages, device=seq_lens.device, dtype=torch.float32)
+    num_pages = (seq_lens.to(torch.int64) + block_size - 1) // block_size
+    s = torch.where(pages[None, :] < num_pages[:, None], pages[None, :], float("-inf"))
+    return s[:, None, :].expand(-1, num_kv_heads, -1).contiguous()
+
+
+@register("streaming")
+class StreamingSelector(PageSelector):
+    def score_pages(self, query, key_cache, block_table, seq_lens, max_pages):
+        return position_scores(seq_lens, self.geometry.block_size, self.geometry.num_kv_heads, max_pages)
