@@ -84,32 +84,37 @@ if HAS_TRITON:
         s_bb, s_bh, s_bm, s_bd,
         s_btn, s_btp,
         s_on, s_oh, s_op,
-        P, D, MAXB,
-        BS: tl.constexpr, G: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+        P, D, MAXB, HKV,
+        BS: tl.constexpr, G: tl.constexpr, PAGES: tl.constexpr, HKV_PAD: tl.constexpr,
+        BLOCK_D: tl.constexpr,
     ):
-        h = tl.program_id(0)  # KV head fastest: neighbouring programs share cache lines of a block
-        pc = tl.program_id(1)
-        n = tl.program_id(2)
+        """Program (page chunk, n): all KV heads at once, so each block's bounds [Hkv, 2, D] (4 KB
+        for Hkv=8, D=128, bf16) are one contiguous read. Score = sum_{m,d} q2[h,m,d] * bounds[h,m,d]
+        with q2[h,0] = sum_g min(q,0) (against min) and q2[h,1] = sum_g max(q,0) (against max)."""
+        pc = tl.program_id(0)
+        n = tl.program_id(1)
+        hh = tl.arange(0, HKV_PAD)
+        mm = tl.arange(0, 2)
         d = tl.arange(0, BLOCK_D)
-        dm = d < D
-        qpos = tl.zeros([BLOCK_D], dtype=tl.float32)
-        qneg = tl.zeros([BLOCK_D], dtype=tl.float32)
+        hm3 = (hh < HKV)[:, None, None] & (d < D)[None, None, :]  # [HKV_PAD, 1, BLOCK_D]
+        q2 = tl.zeros([HKV_PAD, 2, BLOCK_D], dtype=tl.float32)
         for g in tl.static_range(G):
-            qv = tl.load(q_ptr + n * s_qn + (h * G + g) * s_qh + d * s_qd, mask=dm, other=0.0).to(tl.float32)
-            qpos += tl.maximum(qv, 0.0)
-            qneg += tl.minimum(qv, 0.0)
+            qv = tl.load(q_ptr + n * s_qn + (hh * G + g)[:, None, None] * s_qh + d[None, None, :] * s_qd,
+                         mask=hm3, other=0.0).to(tl.float32)  # [HKV_PAD, 1, BLOCK_D]
+            q2 += tl.where(mm[None, :, None] == 1, tl.maximum(qv, 0.0), tl.minimum(qv, 0.0))
         seq = tl.load(sl_ptr + n)
         npages = (seq + BS - 1) // BS
-        p = pc * BLOCK_P + tl.arange(0, BLOCK_P)
+        p = pc * PAGES + tl.arange(0, PAGES)
         pv = (p < npages) & (p < P) & (p < MAXB)
         blk = tl.load(bt_ptr + n * s_btn + p * s_btp, mask=pv, other=0).to(tl.int64)
-        base = b_ptr + blk[:, None] * s_bb + h * s_bh + d[None, :] * s_bd
-        m2 = pv[:, None] & dm[None, :]
-        lo = tl.load(base, mask=m2, other=0.0).to(tl.float32)
-        hi = tl.load(base + s_bm, mask=m2, other=0.0).to(tl.float32)
-        sc = tl.sum(qpos[None, :] * hi + qneg[None, :] * lo, axis=1)
-        sc = tl.where(p < npages, sc, float("-inf"))
-        tl.store(out_ptr + n * s_on + h * s_oh + p * s_op, sc, mask=p < P)
+        addr = (blk[:, None, None, None] * s_bb + hh[None, :, None, None] * s_bh
+                + mm[None, None, :, None] * s_bm + d[None, None, None, :] * s_bd)
+        m4 = pv[:, None, None, None] & hm3[None, :, :, :]
+        b = tl.load(b_ptr + addr, mask=m4, other=0.0).to(tl.float32)  # [PAGES, HKV_PAD, 2, BLOCK_D]
+        sc = tl.sum(tl.sum(b * q2[None, :, :, :], axis=3), axis=2)  # [PAGES, HKV_PAD]
+        sc = tl.where((p < npages)[:, None], sc, float("-inf"))
+        tl.store(out_ptr + n * s_on + hh[None, :] * s_oh + p[:, None] * s_op, sc,
+                 mask=(p < P)[:, None] & (hh < HKV)[None, :])
 
     @triton.jit
     def _popc(x, HW_POPC: tl.constexpr):
@@ -133,7 +138,7 @@ if HAS_TRITON:
         s_on, s_oh, s_op,
         P, MAXB, HKV,
         BS: tl.constexpr, G: tl.constexpr, W: tl.constexpr, W_PAD: tl.constexpr, HKV_PAD: tl.constexpr,
-        PAGES: tl.constexpr, REDUCE_MAX: tl.constexpr, HW_POPC: tl.constexpr,
+        PAGES: tl.constexpr, REDUCE_MAX: tl.constexpr, HW_POPC: tl.constexpr, WORD_ACC: tl.constexpr,
     ):
         """Program (page chunk, n): all KV heads at once, so a block's codes [bs, Hkv, W] are one
         contiguous read (per-head programs would read 16 B out of every 128 B row)."""
@@ -153,11 +158,17 @@ if HAS_TRITON:
         addr = (blk[:, None, None, None] * s_cb + o[None, :, None, None] * s_ct
                 + hh[None, None, :, None] * s_ch + w[None, None, None, :] * s_cw)
         kc = tl.load(c_ptr + addr, mask=m4, other=0)
-        acc = tl.zeros([PAGES, BS, HKV_PAD, W_PAD], dtype=tl.int32)
-        for g in tl.static_range(G):  # accumulate per word, reduce over words once
-            qw = tl.load(qc_ptr + n * s_qn + (hh[:, None] * G + g) * s_qh + w[None, :] * s_qw, mask=hw, other=0)
-            acc += _popc(kc ^ qw[None, None, :, :], HW_POPC)  # padded words: 0 ^ 0
-        ham = tl.sum(acc, axis=3)
+        if WORD_ACC:  # accumulate per word, reduce over words once (more registers)
+            acc = tl.zeros([PAGES, BS, HKV_PAD, W_PAD], dtype=tl.int32)
+            for g in tl.static_range(G):
+                qw = tl.load(qc_ptr + n * s_qn + (hh[:, None] * G + g) * s_qh + w[None, :] * s_qw, mask=hw, other=0)
+                acc += _popc(kc ^ qw[None, None, :, :], HW_POPC)  # padded words: 0 ^ 0
+            ham = tl.sum(acc, axis=3)
+        else:  # reduce over a thread's own words per g: accumulator [PAGES, BS, HKV_PAD] only
+            ham = tl.zeros([PAGES, BS, HKV_PAD], dtype=tl.int32)
+            for g in tl.static_range(G):
+                qw = tl.load(qc_ptr + n * s_qn + (hh[:, None] * G + g) * s_qh + w[None, :] * s_qw, mask=hw, other=0)
+                ham += tl.sum(_popc(kc ^ qw[None, None, :, :], HW_POPC), axis=3)  # padded words: 0 ^ 0
         sim = (G * W * 32 - ham).to(tl.float32)
         t3 = tv[:, :, None]
         if REDUCE_MAX:
@@ -169,11 +180,11 @@ if HAS_TRITON:
                  mask=(p < P)[:, None] & (hh < HKV)[None, :])
 
 
-QUEST_TILE_ELEMS = 8192  # bound elements (per min/max) per quest-scoring program
-QUEST_MAX_PAGES = 64
+QUEST_TILE_ELEMS = 8192  # bound elements (min and max, all KV heads) per quest-scoring program
 QUEST_WARPS = 4
 HASH_TILE_WORDS = 4096  # code words per hash-scoring program (H100 sweep)
 HASH_WARPS = 4
+HASH_WORD_ACC = True  # H100: the per-g word reduction (False) ran 30% slower
 
 
 def _interpreting() -> bool:
@@ -187,13 +198,14 @@ def quest_page_scores_triton(q, bounds, block_table, seq_lens, max_pages, block_
     if N == 0 or max_pages == 0:
         return out
     BLOCK_D = next_pow2(max(D, 16))
-    BLOCK_P = max(8, min(QUEST_MAX_PAGES, QUEST_TILE_ELEMS // BLOCK_D))
-    grid = (Hkv, cdiv(max_pages, BLOCK_P), N)
+    HKV_PAD = next_pow2(Hkv)
+    PAGES = max(1, min(64, QUEST_TILE_ELEMS // (HKV_PAD * 2 * BLOCK_D)))
+    grid = (cdiv(max_pages, PAGES), N)
     _quest_kernel[grid](
         q, bounds, block_table, seq_lens, out,
         *q.stride(), *bounds.stride(), *block_table.stride(), *out.stride(),
-        max_pages, D, block_table.shape[1],
-        BS=block_size, G=Hq // Hkv, BLOCK_P=BLOCK_P, BLOCK_D=BLOCK_D, num_warps=QUEST_WARPS,
+        max_pages, D, block_table.shape[1], Hkv,
+        BS=block_size, G=Hq // Hkv, PAGES=PAGES, HKV_PAD=HKV_PAD, BLOCK_D=BLOCK_D, num_warps=QUEST_WARPS,
     )
     return out
 
@@ -213,6 +225,7 @@ def hash_page_scores_triton(q_codes, codes, block_table, seq_lens, max_pages, re
         *q_codes.stride(), *codes.stride(), *block_table.stride(), *out.stride(),
         max_pages, block_table.shape[1], Hkv,
         BS=bs, G=Hq // Hkv, W=W, W_PAD=W_PAD, HKV_PAD=HKV_PAD, PAGES=PAGES,
-        REDUCE_MAX=(reduce == "max"), HW_POPC=not _interpreting(), num_warps=HASH_WARPS,
+        REDUCE_MAX=(reduce == "max"), HW_POPC=not _interpreting(), WORD_ACC=HASH_WORD_ACC,
+        num_warps=HASH_WARPS,
     )
     return out

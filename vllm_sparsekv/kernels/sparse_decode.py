@@ -166,6 +166,7 @@ TILE_TOKENS = 128  # tokens per inner iteration (pages_per_iter = TILE_TOKENS //
 NUM_WARPS = 4
 NUM_STAGES = 2  # tuned on H100: B=8, 128K, page 16/32 (see benchmarks/README_kernels.md)
 SPLITS_PER_SM = 4  # aim for about this many split programs per SM
+SPLITS_PER_SM_SPARSE = 8  # when page_idx holds <= 1/4 of the block table's pages (short per-split work)
 
 
 def plan_splits(N: int, Hkv: int, k_max: int, pages_per_iter: int, device: torch.device,
@@ -204,7 +205,9 @@ def sparse_paged_decode_triton(q, key_cache, value_cache, block_table, seq_lens,
     stages = num_stages or NUM_STAGES
     while stages > 1 and stages * 2 * ppi * bs * BLOCK_D * esize > 160 * 1024:  # K+V buffers in smem
         stages -= 1
-    S, pps = plan_splits(N, Hkv, K, ppi, q.device, num_splits, splits_per_sm or SPLITS_PER_SM)
+    if splits_per_sm is None:
+        splits_per_sm = SPLITS_PER_SM_SPARSE if 4 * K <= block_table.shape[1] else SPLITS_PER_SM
+    S, pps = plan_splits(N, Hkv, K, ppi, q.device, num_splits, splits_per_sm)
     wo = torch.empty(N * Hq * S * D, dtype=torch.float32, device=q.device)
     wl = torch.empty(N * Hq * S, dtype=torch.float32, device=q.device)
     # fp32 inputs: exact fp32 products (no tf32). The interpreter has no bf16/fp16 dot: upcast there.
