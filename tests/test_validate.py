@@ -26,6 +26,14 @@ def test_a_plain_gqa_model_passes():
     validate_engine_config(engine())
 
 
+def test_prefill_scored_methods_turn_prefix_caching_off():
+    for method, off in (("snapkv", True), ("h2o", True), ("quest", False)):
+        cfg = engine(sparsekv={"method": method, "token_budget": 256})
+        cfg.cache_config.enable_prefix_caching = True
+        validate_engine_config(cfg)
+        assert cfg.cache_config.enable_prefix_caching is (not off)
+
+
 @pytest.mark.parametrize(
     "kw, words",
     [

@@ -6,8 +6,12 @@ stops `vllm serve` / `LLM(...)` with a message naming the option instead of fail
 
 from __future__ import annotations
 
+import logging
+
 from vllm_sparsekv.config import SparseKVConfigError, load_config
 from vllm_sparsekv.methods import get_method
+
+logger = logging.getLogger("vllm.sparsekv")
 
 
 def validate_engine_config(vllm_config) -> None:
@@ -32,6 +36,10 @@ def validate_engine_config(vllm_config) -> None:
         if window:
             problems.append(f"sliding-window attention (window {window}) is not supported")
     cache = vllm_config.cache_config
+    if cache is not None and get_method(cfg.method).needs_prefill_queries and cache.enable_prefix_caching:
+        # page scores from one request's prefill would be served to another sharing the block
+        logger.warning("sparsekv: method %r scores pages per request; prefix caching turned off", cfg.method)
+        cache.enable_prefix_caching = False
     if cache is not None and str(cache.cache_dtype).startswith("fp8"):
         problems.append(f"kv_cache_dtype={cache.cache_dtype!r} is not supported; allowed: auto")
     unit = getattr(cache, "prefix_match_unit", None)
