@@ -55,8 +55,8 @@ def test_middle_truncation(hf_tokenizer):
     assert n0 == n and cut and out.startswith("BEGIN word0") and out.endswith("word399 END")
     assert abs(len(tok.encode(out)) - 100) <= 2  # re-tokenizing at the seam may merge a token
     assert LB.truncate_middle(text, hf_tokenizer, n) == (text, n, False)
-    s = LB.build_samples(DATA, ["gov_report"], hf_tokenizer, max_length=16)
-    assert s[0]["meta"]["truncated"] and s[0]["prompt"].startswith("You are given a report")
+    s = LB.build_samples(DATA, ["gov_report"], hf_tokenizer, max_length=40)
+    assert s[0]["meta"]["truncated"] and s[0]["prompt"].startswith("You are given a")  # the seam may split a word
     assert s[0]["prompt"].endswith("Summary:")
 
 
