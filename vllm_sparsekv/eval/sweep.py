@@ -62,12 +62,35 @@ class RunConfig:
         return d
 
 
+def resolve_methods(methods: Sequence[str]) -> list[str]:
+    """Method names -> registered selector names (``vllm_sparsekv.methods.available()``).
+
+    ``all`` expands to every registered method except ``full`` (the sparse path's dense baseline);
+    ``dense`` is dropped (the dense run is always included). Unknown names raise, listing the
+    registry, so a method added there later is sweepable without touching this file."""
+    from vllm_sparsekv.methods import available
+
+    avail = available()
+    out: list[str] = []
+    for m in methods:
+        m = m.strip().lower()
+        if m == "dense" or not m:
+            continue
+        names = [x for x in avail if x != "full"] if m == "all" else [m]
+        for n in names:
+            if n not in avail:
+                raise ValueError(f"unknown sparsekv method {n!r}; registered: {', '.join(avail)}")
+            if n not in out:
+                out.append(n)
+    return out
+
+
 def make_configs(methods: Sequence[str], fractions: Sequence[float] = (), token_budgets: Sequence[int] = (),
                  include_dense: bool = True, **common) -> list[RunConfig]:
     from vllm_sparsekv.config import SparseKVConfig
 
     out = [RunConfig("dense")] if include_dense else []
-    for m in methods:
+    for m in resolve_methods(methods):
         for f in fractions:
             out.append(RunConfig(f"{m}-f{f:g}", SparseKVConfig(method=m, budget_fraction=f, **common)))
         for b in token_budgets:
@@ -109,6 +132,29 @@ class _Active:
     attended: int = 0
     held: int = 0
     prefills: int = 0
+    num_layers: int = 0
+    probe: IouProbe | None = None  # IoU of several methods/budgets along the dense decode
+    probe_layers: dict = field(default_factory=dict)  # (method, layer) -> _LayerState
+    probe_acc: dict = field(default_factory=dict)  # (method, fraction) -> {layer: [dict of [Hkv]]}
+    paged: dict = field(default_factory=dict)  # (layer, 0|1) -> [paged K|V buffer, tokens copied]
+    capture_prefill_q: bool = False  # keep the prefill queries (methods with needs_prefill_queries)
+    prefill_q: dict = field(default_factory=dict)  # layer -> [L0, Hq, D] post-RoPE prefill queries
+    prefill_len: int = 0
+
+
+@dataclass
+class IouProbe:
+    """IoU probe along the *dense* decode trajectory: at each of the first ``steps`` decode steps,
+    every sparse layer's query is scored by each method's selector (same code as the backend), the
+    top ``ceil(P * fraction)`` pages are compared with the oracle top pages of exact attention
+    (group mass per page), with no forced sink/recent pages on either side (they would make both
+    sides agree by construction at small budgets). Also the attention mass each side covers.
+    All methods see the same queries and keys, so they are directly comparable."""
+
+    methods: Sequence[str]
+    fractions: Sequence[float] = (0.02, 0.05, 0.10)
+    steps: int = 8
+    config: Any = None  # SparseKVConfig for the selectors' settings (dense_layers, hash_*)
 
 
 _STATE = _Active()
@@ -122,6 +168,22 @@ def _paged(x: torch.Tensor, block_size: int, capacity_pages: int) -> torch.Tenso
     return out.view(capacity_pages, block_size, h, d)
 
 
+def _paged_cached(layer: int, x: torch.Tensor, which: int) -> torch.Tensor:
+    """``_paged`` kept per (layer, K|V) for the current run: only tokens not yet copied are written
+    (a run's cache only grows), so a decode step costs one token's copy, not the whole context."""
+    st = _STATE
+    ent = st.paged.get((layer, which))
+    _, h, L, d = x.shape
+    if ent is None:
+        buf = x.new_zeros(st.capacity_pages * st.block_size, h, d)
+        ent = st.paged[(layer, which)] = [buf, 0]
+    buf, n = ent
+    if n < L:
+        buf[n:L] = x[0, :, n:L].transpose(0, 1)
+        ent[1] = L
+    return buf.view(st.capacity_pages, st.block_size, h, d)
+
+
 def _hook(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -130,6 +192,11 @@ def _hook(module, query, key, value, attention_mask, dropout=0.0, scaling=None, 
     if query.shape[2] != 1 or run is None or run.dense:
         if query.shape[2] != 1:
             st.prefills += 1 if getattr(module, "layer_idx", 0) == 0 else 0
+            if st.capture_prefill_q:
+                st.prefill_q[module.layer_idx] = query[0].transpose(0, 1).contiguous()  # [L0, Hq, D]
+                st.prefill_len = key.shape[2]
+        elif st.probe is not None:
+            _probe(module.layer_idx, query, key, scaling)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     cfg = run.config
@@ -149,11 +216,11 @@ def _hook(module, query, key, value, attention_mask, dropout=0.0, scaling=None, 
     P = -(-L // bs)
     if P > st.capacity_pages:
         raise ValueError(f"context {L} exceeds the sweep's capacity of {st.capacity_pages} pages")
-    key_cache = _paged(key, bs, st.capacity_pages)
-    value_cache = _paged(value, bs, st.capacity_pages)
+    key_cache = _paged_cached(layer, key, 0)
+    value_cache = _paged_cached(layer, value, 1)
     ls = st.layers.get(layer)
     if ls is None:
-        sel = get_method(cfg.method)(cfg, LayerGeometry(hq, hkv, d, bs))
+        sel = get_method(cfg.method)(cfg, LayerGeometry(hq, hkv, d, bs, layer))
         if not sel.selects_all:
             sel.allocate(st.capacity_pages, key.dtype, key.device)
         ls = st.layers[layer] = _LayerState(sel)
@@ -164,6 +231,15 @@ def _hook(module, query, key, value, attention_mask, dropout=0.0, scaling=None, 
         scores = torch.zeros(1, hkv, P, device=q.device)
         k_max = P
     else:
+        scale0 = scaling if scaling is not None else 1.0 / math.sqrt(d)
+        if ls.selector.needs_prefill_queries and ls.written == 0 and layer in st.prefill_q:
+            # the backend's prefill step: KV write of the prompt, then observe_prefill (SparseKVImpl
+            # .forward -> _observe_prefill) with the prompt's queries; then this decode's write
+            L0 = st.prefill_len
+            slots = torch.arange(0, L0, dtype=torch.int64, device=q.device)
+            ls.selector.on_kv_write(key[0, :, :L0].transpose(0, 1), key_cache, slots)
+            ls.selector.observe_prefill(st.prefill_q[layer], key_cache, block_table[0], L0, scale0)
+            ls.written = L0
         if ls.written < L:  # the tokens the backend's write hook would have seen
             slots = torch.arange(ls.written, L, dtype=torch.int64, device=q.device)
             new_keys = key[0, :, ls.written:L].transpose(0, 1)
@@ -172,6 +248,16 @@ def _hook(module, query, key, value, attention_mask, dropout=0.0, scaling=None, 
         scores = ls.selector.score_pages(q, key_cache, block_table, seq_lens, P)
         k_max = min(cfg.max_selected_pages(bs, st.max_model_len), P)
     budget = torch.full((1, hkv), budget_pages_for(cfg, L, bs), dtype=torch.int32, device=q.device)
+    if not ls.selector.selects_all:  # per-(layer, head) multipliers, as SparseKVImpl._sparse_decode
+        w = _budget_weights(cfg, layer, hkv)
+        if w is not None:
+            budget = torch.round(budget * w.to(q.device)).to(torch.int32)
+            k_max = min(P, math.ceil(k_max * float(w.max())))
+    # k_max only sizes the -1 padding of page_idx (k = min(max(budget, forced), pages, k_max)), so
+    # trimming it to what this step can select changes no selection; it keeps the torch reference
+    # of sparse_paged_decode from walking every padded slot (the backend's CPU k_max is the batch's
+    # page count, i.e. dense cost).
+    k_max = min(k_max, max(int(budget.max()), cfg.sink_pages(bs) + cfg.recent_pages(bs)))
     page_idx, num_sel = kernels.select_pages(scores, seq_lens, bs, budget, cfg.sink_pages(bs),
                                              cfg.recent_pages(bs), k_max)
     scale = scaling if scaling is not None else 1.0 / math.sqrt(d)
@@ -186,6 +272,92 @@ def _hook(module, query, key, value, attention_mask, dropout=0.0, scaling=None, 
         st.recall.setdefault(layer, []).append(r["recall"])
         st.oracle_recall.setdefault(layer, []).append(r["oracle_recall"])
     return out[:, None].to(query.dtype), None  # [1, 1, Hq, D]
+
+
+_WEIGHTS: dict = {}
+
+
+def _budget_weights(cfg, layer: int, hkv: int) -> torch.Tensor | None:
+    """[Hkv] budget multipliers of this layer (budgets.layer_head_weights), None when uniform."""
+    if cfg.budget_allocation == "uniform":
+        return None
+    key = (cfg.model_dump_json(), _STATE.num_layers, hkv)
+    if key not in _WEIGHTS:
+        from vllm_sparsekv import budgets
+
+        if not _STATE.num_layers:
+            raise ValueError("budget_allocation needs the model's layer count (sweep_prompt sets it)")
+        _WEIGHTS[key] = budgets.layer_head_weights(cfg, _STATE.num_layers, hkv)
+    w = _WEIGHTS[key][layer]
+    return None if bool((w == 1).all()) else w
+
+
+def _probe(layer: int, query, key, scaling) -> None:
+    from vllm_sparsekv.methods import get_method
+    from vllm_sparsekv.methods.base import LayerGeometry
+
+    from . import iou as I
+
+    st = _STATE
+    pr = st.probe
+    cfg = pr.config
+    if layer in cfg.dense_layers:
+        return
+    first = st.probe_acc.setdefault((pr.methods[0], pr.fractions[0]), {}).setdefault(layer, [])
+    if len(first) >= pr.steps:
+        return
+    bs = st.block_size
+    _, hq, _, d = query.shape
+    hkv, L = key.shape[1], key.shape[2]
+    P = -(-L // bs)
+    key_cache = _paged_cached(layer, key, 0)
+    q = query[:, :, 0, :]
+    block_table = torch.arange(st.capacity_pages, dtype=torch.int32, device=q.device)[None]
+    seq_lens = torch.tensor([L], dtype=torch.int32, device=q.device)
+    scale = scaling if scaling is not None else 1.0 / math.sqrt(d)
+    attn = I.exact_attention(q[0], key[0].transpose(0, 1), scale)
+    ga = I.group_attention(attn, hkv)
+    pm = I.page_mass(ga, bs)
+    for m in pr.methods:
+        mcfg = cfg.model_copy(update={"method": m})
+        ls = st.probe_layers.get((m, layer))
+        if ls is None:
+            sel = get_method(m)(mcfg, LayerGeometry(hq, hkv, d, bs, layer))
+            sel.allocate(st.capacity_pages, key.dtype, key.device)
+            ls = st.probe_layers[(m, layer)] = _LayerState(sel)
+        if ls.written < L:
+            slots = torch.arange(ls.written, L, dtype=torch.int64, device=q.device)
+            ls.selector.on_kv_write(key[0, :, ls.written:L].transpose(0, 1), key_cache, slots)
+            ls.written = L
+        scores = ls.selector.score_pages(q, key_cache, block_table, seq_lens, P)[0]  # [Hkv, P]
+        for f in pr.fractions:
+            k = max(1, math.ceil(P * f))
+            sel_m = I.topk_mask(scores, k)
+            orc = I.topk_mask(pm, k)
+            rec = {"iou": I.iou(sel_m, orc),
+                   "recall": I.attention_recall(ga, I.pages_to_tokens(sel_m, bs, L)),
+                   "oracle_recall": I.attention_recall(ga, I.pages_to_tokens(orc, bs, L))}
+            st.probe_acc.setdefault((m, f), {}).setdefault(layer, []).append(rec)
+
+
+def _probe_summary() -> dict | None:
+    st = _STATE
+    if st.probe is None or not st.probe_acc:
+        return None
+    out = {}
+    for (m, f), per_layer in st.probe_acc.items():
+        if not per_layer:
+            continue
+        layers = sorted(per_layer)
+        ent = {}
+        for k in ("iou", "recall", "oracle_recall"):
+            lh = torch.stack([torch.stack([r[k] for r in per_layer[l]]).mean(0) for l in layers])  # [layers, Hkv]
+            ent[k + "_mean"] = lh.mean().item()
+            if k == "iou":
+                ent["iou_per_layer_head"] = {str(l): [round(v, 4) for v in lh[i].tolist()] for i, l in enumerate(layers)}
+        ent["steps"] = len(per_layer[layers[0]])
+        out[f"{m}@{f:g}"] = ent
+    return out
 
 
 def register_hook() -> None:
@@ -212,14 +384,25 @@ def use_hook(model) -> None:
             m.config._attn_implementation = HOOK_NAME
 
 
+def _needs_prefill_queries(runs) -> bool:
+    from vllm_sparsekv.methods import get_method
+
+    return any(r.config is not None and get_method(r.config.method).needs_prefill_queries for r in runs)
+
+
 def _begin(run: RunConfig | None, block_size: int, capacity_tokens: int, collect_iou: bool,
-           max_model_len: int) -> None:
+           max_model_len: int, num_layers: int = 0, probe: IouProbe | None = None,
+           capture: bool = False) -> None:
     global _STATE
     prefills = _STATE.prefills
+    keep_q, keep_len = _STATE.prefill_q, _STATE.prefill_len
     _STATE = _Active(run=run, block_size=block_size, capacity_pages=-(-capacity_tokens // block_size),
                      collect_iou=collect_iou and run is not None and not run.dense,
-                     max_model_len=max_model_len)
+                     max_model_len=max_model_len, num_layers=num_layers,
+                     probe=probe if (run is not None and run.dense) else None, capture_prefill_q=capture)
     _STATE.prefills = prefills
+    if not capture and run is not None:  # the prompt's queries stay for every run of this prompt
+        _STATE.prefill_q, _STATE.prefill_len = keep_q, keep_len
 
 
 def _iou_summary() -> dict | None:
@@ -239,14 +422,18 @@ def _iou_summary() -> dict | None:
 @torch.no_grad()
 def sweep_prompt(model, input_ids: Sequence[int], runs: Sequence[RunConfig], max_new_tokens: int,
                  eos_token_ids: Sequence[int] = (), block_size: int = 16, collect_iou: bool = False,
-                 max_model_len: int = 32768) -> dict[str, dict]:
-    """Greedy generations of every run from one shared dense prefill: {label: {"ids", "iou", ...}}."""
+                 max_model_len: int = 32768, iou_probe: IouProbe | None = None) -> dict[str, dict]:
+    """Greedy generations of every run from one shared dense prefill: {label: {"ids", "iou", ...}}.
+
+    ``iou_probe``: during the dense run (which must be in ``runs``), also record the IoU of each
+    probe method at each probe fraction vs the oracle (``out["dense"]["probe"]``)."""
+    nl = getattr(model.config, "num_hidden_layers", 0)
     from transformers import DynamicCache
 
     dev = next(model.parameters()).device
     ids = torch.tensor([list(input_ids)], device=dev)
     L0 = ids.shape[1]
-    _begin(None, block_size, L0 + max_new_tokens, False, max_model_len)
+    _begin(None, block_size, L0 + max_new_tokens, False, max_model_len, capture=_needs_prefill_queries(runs))
     cache = DynamicCache(config=model.config)
     t0 = time.perf_counter()
     logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1]
@@ -254,7 +441,7 @@ def sweep_prompt(model, input_ids: Sequence[int], runs: Sequence[RunConfig], max
     first = int(logits.argmax())
     out = {}
     for run in runs:
-        _begin(run, block_size, L0 + max_new_tokens, collect_iou, max_model_len)
+        _begin(run, block_size, L0 + max_new_tokens, collect_iou, max_model_len, nl, iou_probe)
         c = copy.deepcopy(cache)
         toks = [first]
         t1 = time.perf_counter()
@@ -264,7 +451,7 @@ def sweep_prompt(model, input_ids: Sequence[int], runs: Sequence[RunConfig], max
                        position_ids=pos, cache_position=pos[0], use_cache=True).logits[0, -1]
             toks.append(int(lg.argmax()))
         out[run.label] = {"ids": toks, "decode_s": time.perf_counter() - t1, "prefill_s": prefill_s,
-                          "iou": _iou_summary(),
+                          "iou": _iou_summary(), "probe": _probe_summary(),
                           "attended_fraction": (_STATE.attended / _STATE.held) if _STATE.held else None}
     _begin(None, block_size, 1, False, max_model_len)
     return out
@@ -280,13 +467,14 @@ def decode_perplexity(model, ids: Sequence[int], score_last: int, runs: Sequence
     dev = next(model.parameters()).device
     ids = list(ids)
     L0 = len(ids) - score_last
-    _begin(None, block_size, len(ids), False, max_model_len)
+    _begin(None, block_size, len(ids), False, max_model_len, capture=_needs_prefill_queries(runs))
     cache = DynamicCache(config=model.config)
     logits = model(input_ids=torch.tensor([ids[:L0]], device=dev), past_key_values=cache, use_cache=True).logits[0, -1]
     first_lp = float(torch.log_softmax(logits.float(), -1)[ids[L0]])
     out = {}
+    nl = getattr(model.config, "num_hidden_layers", 0)
     for run in runs:
-        _begin(run, block_size, len(ids), False, max_model_len)
+        _begin(run, block_size, len(ids), False, max_model_len, nl)
         c = copy.deepcopy(cache)
         lps = [first_lp]
         for t in range(L0, len(ids) - 1):
@@ -308,8 +496,12 @@ def prefill_count() -> int:
 
 def ruler_sweep(model, tokenizer, samples: Sequence, runs: Sequence[RunConfig], out_path: str | Path,
                 block_size: int = 16, collect_iou: bool = True, chat: bool = False,
-                progress: bool = True) -> list[dict]:
-    """Run every RULER sample under every config; one JSONL record per sample (resumable)."""
+                progress: bool = True, max_new_tokens: int | None = None,
+                iou_probe: IouProbe | None = None) -> list[dict]:
+    """Run every RULER sample under every config; one JSONL record per sample (resumable).
+
+    ``max_new_tokens`` caps RULER's tokens-to-generate per task (CPU time; greedy decoding stops at
+    EOS anyway); ``iou_probe`` records probe IoUs along the dense decode (``runs["dense"]["probe"]``)."""
     from .client import load_results
     from .ruler import score_prediction
 
@@ -335,7 +527,8 @@ def ruler_sweep(model, tokenizer, samples: Sequence, runs: Sequence[RunConfig], 
                 ids = tokenizer.encode(text, add_special_tokens=False)
             else:
                 ids = tokenizer.encode(s.input + s.answer_prefix)
-            res = sweep_prompt(model, ids, runs, s.max_tokens, eos, block_size, collect_iou)
+            gen = s.max_tokens if max_new_tokens is None else min(s.max_tokens, max_new_tokens)
+            res = sweep_prompt(model, ids, runs, gen, eos, block_size, collect_iou, iou_probe=iou_probe)
             rec = {"id": s.id, "task": s.task, "target_length": s.target_length, "length": len(ids),
                    "outputs": s.outputs, "runs": {}}
             for label, r in res.items():
@@ -343,6 +536,8 @@ def ruler_sweep(model, tokenizer, samples: Sequence, runs: Sequence[RunConfig], 
                 rec["runs"][label] = {"pred": pred, "score": score_prediction(pred, s.outputs),
                                       "iou": r["iou"], "attended_fraction": r["attended_fraction"],
                                       "decode_s": round(r["decode_s"], 3)}
+                if r.get("probe"):
+                    rec["runs"][label]["probe"] = r["probe"]
             rec["prefill_s"] = round(next(iter(res.values()))["prefill_s"], 3)
             f.write(json.dumps(rec) + "\n")
             f.flush()
@@ -404,14 +599,19 @@ def main(argv=None) -> int:
     p.add_argument("--lengths", type=csv_ints, default=[2048])
     p.add_argument("--tasks", type=csv_strs, default=None)
     p.add_argument("--num-samples", type=int, default=30)
-    p.add_argument("--methods", type=csv_strs, default=["quest"])
+    p.add_argument("--methods", type=csv_strs, default=["quest"],
+                   help="registered method names (vllm_sparsekv.methods.available()) or 'all'")
     p.add_argument("--budget-fractions", type=csv_floats, default=[0.25, 0.125, 0.0625])
     p.add_argument("--token-budgets", type=csv_ints, default=[256, 1024])
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--sink-tokens", type=int, default=None)
     p.add_argument("--recent-tokens", type=int, default=None)
     p.add_argument("--chat", action="store_true", help="apply the chat template")
-    p.add_argument("--no-iou", action="store_true")
+    p.add_argument("--no-iou", action="store_true", help="no IoU at the runs' own budgets")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="cap on RULER's tokens to generate")
+    p.add_argument("--iou-probe-fractions", type=csv_floats, default=[],
+                   help="IoU probe of every method at these budget fractions along the dense decode")
+    p.add_argument("--iou-probe-steps", type=int, default=8)
     p.add_argument("--haystack", default=None)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--threads", type=int, default=None)
@@ -428,7 +628,14 @@ def main(argv=None) -> int:
                                                       add_generation_prompt=True), add_special_tokens=False))
     g = RulerGenerator(tok, a.haystack, a.seed, tmpl)
     samples = [s for L in a.lengths for t in (a.tasks or TASKS) for s in g.generate(t, L, a.num_samples)]
-    recs = ruler_sweep(model, tok, samples, runs, a.out, a.block_size, not a.no_iou, a.chat)
+    probe = None
+    if a.iou_probe_fractions:
+        from vllm_sparsekv.config import SparseKVConfig
+
+        probe = IouProbe(resolve_methods(a.methods), a.iou_probe_fractions, a.iou_probe_steps,
+                         SparseKVConfig(**common))
+    recs = ruler_sweep(model, tok, samples, runs, a.out, a.block_size, not a.no_iou, a.chat,
+                       max_new_tokens=a.max_new_tokens, iou_probe=probe)
     rows = rows_from_records(recs, runs, Path(a.model).name)
     Path(str(a.out) + ".rows.json").write_text(json.dumps({"rows": rows, "argv": argv}, indent=2) + "\n")
     for r in rows:

@@ -1,0 +1,399 @@
+"""Quality report: sparse decode (quest, hash, ...) vs dense on the RULER-style suite, offline.
+
+Runs the offline sweep driver (``vllm_sparsekv.eval.sweep``: HF transformers + an attention hook
+that calls the backend's own selectors, ``select_pages`` and ``sparse_paged_decode``) with one dense
+prefill per prompt shared by every method and budget, and writes
+
+    benchmarks/results/quality_<model>.records.jsonl   one record per sample (resumable)
+    benchmarks/results/quality_<model>.json            rows {suite, task, model, method, context,
+                                                       budget_fraction | token_budget, score,
+                                                       dense_score, n, ci95, ...} + command, commit
+    benchmarks/results/quality_<model>.md              tables: per task, averaged, ratio to dense,
+                                                       targets, IoU (probe) table
+    benchmarks/results/quality_<model>_iou.png         IoU per layer (if matplotlib)
+
+Usage (CPU; run it in the background, it resumes where it stopped)::
+
+    nohup nice -n 10 python benchmarks/quality.py run --model data/models/SmolLM2-135M-Instruct &
+    python benchmarks/quality.py report --model data/models/SmolLM2-135M-Instruct   # any time
+
+``run`` works through phases in order (default: 4K, then 2K, then 8K with fewer samples), the
+samples of a phase interleaved across tasks, so a run cut short still has balanced groups; the
+report marks groups below the planned sample count as partial.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DEFAULT_PHASES = "4096:niah_single_1,niah_single_2:30;2048:niah_single_1,niah_single_2:30;8192:niah_single_2:10"
+TARGETS = {0.125: 98.0, 0.0625: 95.0}  # quest at 1/8 >= 98% of dense, at 1/16 >= 95% (4K and 8K)
+TARGET_CONTEXTS = (4096, 8192)
+
+
+def parse_phases(text: str) -> list[tuple[int, list[str], int]]:
+    out = []
+    for part in text.split(";"):
+        if not part.strip():
+            continue
+        L, tasks, n = part.split(":")
+        L = int(float(L[:-1]) * 1024) if L.lower().endswith("k") else int(L)
+        out.append((L, [t for t in tasks.split(",") if t], int(n)))
+    return out
+
+
+def model_name(path: str) -> str:
+    return Path(path).name
+
+
+def out_base(a) -> Path:
+    short = a.name or model_name(a.model).split("-")[0].lower()
+    return Path(a.out_dir) / f"quality_{short}"
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except Exception:  # pragma: no cover
+        return "unknown"
+
+
+def _runs(a):
+    from vllm_sparsekv.eval import sweep
+
+    return sweep.make_configs(a.methods, a.budget_fractions, a.token_budgets)
+
+
+def plan(a, tok, tmpl):
+    from vllm_sparsekv.eval.ruler import RulerGenerator
+
+    g = RulerGenerator(tok, a.haystack, a.seed, tmpl)
+    samples = []
+    for L, tasks, n in parse_phases(a.phases):
+        per_task = {t: g.generate(t, L, n) for t in tasks}
+        for i in range(n):  # interleave tasks: a cut-short run keeps balanced groups
+            samples.extend(per_task[t][i] for t in tasks)
+    return samples
+
+
+def cmd_run(a) -> int:
+    import torch
+
+    from vllm_sparsekv.config import SparseKVConfig
+    from vllm_sparsekv.eval import sweep
+
+    torch.set_num_threads(a.threads)
+    base = out_base(a)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    shard = Path(f"{base}.{a.shard}" if a.shard else str(base))
+    model, tok = sweep.load_model(a.model)
+    tmpl = len(tok.encode(tok.apply_chat_template([{"role": "user", "content": ""}], tokenize=False,
+                                                  add_generation_prompt=True), add_special_tokens=False))
+    samples = plan(a, tok, tmpl)[a.skip:]
+    probe = sweep.IouProbe(sweep.resolve_methods(a.methods), a.iou_fractions, a.iou_steps, SparseKVConfig())
+    meta = {"command": " ".join([sys.executable, *sys.argv]), "commit": commit(), "started": time.time(),
+            "phases": a.phases, "block_size": a.block_size, "max_new_tokens": a.max_new_tokens}
+    Path(str(shard) + ".meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    print(f"{len(samples)} samples, {len(_runs(a))} runs each -> {shard}.records.jsonl", flush=True)
+    sweep.ruler_sweep(model, tok, samples, _runs(a), str(shard) + ".records.jsonl", a.block_size,
+                      collect_iou=False, chat=True, progress=True, max_new_tokens=a.max_new_tokens,
+                      iou_probe=probe)
+    return cmd_report(a)
+
+
+# ------------------------------------------------------------------------------------ report
+
+
+def _label_value(r):
+    if r["method"] == "dense":
+        return "-"
+    if r.get("budget_fraction") is not None:
+        return f"1/{round(1 / r['budget_fraction'])}"
+    return f"{r['token_budget']} tok"
+
+
+def build_rows(records, runs, name, planned):
+    from vllm_sparsekv.eval.metrics import mean_ci95
+
+    groups = {}
+    for r in records:
+        groups.setdefault((r["task"], r["target_length"]), []).append(r)
+    rows = []
+    for (task, L), rs in sorted(groups.items(), key=lambda x: (x[0][1], x[0][0])):
+        dense = [r["runs"]["dense"]["score"] for r in rs]
+        dm = mean_ci95(dense)[0]
+        for run in runs:
+            if any(run.label not in r["runs"] for r in rs):
+                continue
+            sc = [r["runs"][run.label]["score"] for r in rs]
+            m, hw, n = mean_ci95(sc)
+            dm_, dhw, _ = mean_ci95([s - d for s, d in zip(sc, dense)])
+            af = [r["runs"][run.label].get("attended_fraction") for r in rs]
+            af = [x for x in af if x is not None]
+            rows.append({"suite": "ruler", "task": task, "model": name, **run.row_fields(), "context": L,
+                         "score": round(100 * m, 2), "dense_score": round(100 * dm, 2), "n": n,
+                         "ci95": round(100 * hw, 2),
+                         "delta": round(100 * dm_, 2), "delta_ci95": round(100 * dhw, 2) if n > 1 else None,
+                         "ratio": round(m / dm, 4) if dm > 0 else None,
+                         "attended_fraction": round(sum(af) / len(af), 4) if af else None,
+                         "partial": n < planned.get((task, L), n)})
+    # averaged over the tasks of a context (mean of task means; CI from the per-sample average of
+    # the tasks is not defined when tasks differ in n, so it is the mean of the task CIs / sqrt(T))
+    for L in sorted({r["context"] for r in rows}):
+        for run in runs:
+            sel = [r for r in rows if r["context"] == L and r["task"] != "average"
+                   and all(r.get(k) == v for k, v in run.row_fields().items())
+                   and not ("budget_fraction" in r and "token_budget" in run.row_fields())]
+            sel = [r for r in sel if set(k for k in ("budget_fraction", "token_budget") if k in r)
+                   == set(k for k in ("budget_fraction", "token_budget") if k in run.row_fields())]
+            if not sel:
+                continue
+            T = len(sel)
+            s = sum(r["score"] for r in sel) / T
+            d = sum(r["dense_score"] for r in sel) / T
+            ci = math.sqrt(sum(r["ci95"] ** 2 for r in sel)) / T
+            rows.append({"suite": "ruler", "task": "average", "model": name, **run.row_fields(), "context": L,
+                         "score": round(s, 2), "dense_score": round(d, 2), "n": sum(r["n"] for r in sel),
+                         "ci95": round(ci, 2), "ratio": round(s / d, 4) if d > 0 else None,
+                         "tasks": [r["task"] for r in sel], "partial": any(r["partial"] for r in sel)})
+    return rows
+
+
+def iou_rows(records, name):
+    """Probe IoU (dense trajectory) per (context, method, fraction): mean over samples/steps/layers/heads."""
+    acc = {}
+    for r in records:
+        pr = (r["runs"].get("dense") or {}).get("probe") or {}
+        for key, v in pr.items():
+            m, f = key.split("@")
+            a = acc.setdefault((r["target_length"], m, float(f)), {"iou": [], "recall": [], "oracle_recall": [],
+                                                                   "layers": {}})
+            a["iou"].append(v["iou_mean"])
+            a["recall"].append(v["recall_mean"])
+            a["oracle_recall"].append(v["oracle_recall_mean"])
+            for l, heads in v["iou_per_layer_head"].items():
+                a["layers"].setdefault(int(l), []).append(heads)
+    out = []
+    for (L, m, f), a in sorted(acc.items()):
+        per_layer_head = {l: [round(sum(h[i] for h in hs) / len(hs), 4) for i in range(len(hs[0]))]
+                          for l, hs in sorted(a["layers"].items())}
+        mean = lambda x: round(sum(x) / len(x), 4)  # noqa: E731
+        out.append({"suite": "iou_probe", "model": name, "context": L, "method": m, "budget_fraction": f,
+                    "iou": mean(a["iou"]), "recall": mean(a["recall"]), "oracle_recall": mean(a["oracle_recall"]),
+                    "n": len(a["iou"]), "iou_per_layer_head": per_layer_head})
+    return out
+
+
+def markdown(rows, irows, meta, partial, block_size):
+    name = rows[0]["model"] if rows else "?"
+    lines = [f"# Quality report: {name} (RULER-style suite, offline sweep)", ""]
+    if partial:
+        lines += ["**PARTIAL**: the run was cut short; groups marked `*` have fewer samples than planned.", ""]
+    lines += [f"- command: `{meta.get('command', '')}`", f"- commit: `{meta.get('commit', '')}`",
+              f"- page (block) size {block_size} tokens; sink 64 + recent 64 tokens; dense layers [0, 1]; "
+              "greedy decoding, chat template; one dense prefill per prompt shared by all runs; "
+              "scores: RULER string_match_all x 100; ci95 = normal-approx half-width (Wilson for all-0/1).",
+              ""]
+    ctxs = sorted({r["context"] for r in rows})
+    cols = []
+    for r in rows:
+        key = (r["method"], r.get("budget_fraction"), r.get("token_budget"))
+        if key not in cols:
+            cols.append(key)
+
+    def hdr(k):
+        m, f, b = k
+        return "dense" if m == "dense" else f"{m} {'1/%d' % round(1 / f) if f else f'{b}t'}"
+
+    # targets
+    lines += ["## Targets (quest, average over tasks, ratio to dense)", "",
+              "| context | budget | quest / dense | target | met |", "|---|---|---|---|---|"]
+    for L in ctxs:
+        for f, tgt in TARGETS.items():
+            r = next((r for r in rows if r["task"] == "average" and r["context"] == L and r["method"] == "quest"
+                      and r.get("budget_fraction") == f), None)
+            if r is None or r["ratio"] is None:
+                continue
+            met = "yes" if 100 * r["ratio"] >= tgt else "**no**"
+            scope = "" if L in TARGET_CONTEXTS else " (not a target context)"
+            lines.append(f"| {L} | 1/{round(1 / f)} | {100 * r['ratio']:.1f}% ({r['score']:.1f} vs {r['dense_score']:.1f})"
+                         f" | >= {tgt:.0f}%{scope} | {met} |")
+    lines.append("")
+    for L in ctxs:
+        lines += [f"## Context {L}", "", "Score (ci95) per task; last row: mean over tasks and ratio to dense.", ""]
+        lines.append("| task | n | " + " | ".join(hdr(c) for c in cols) + " |")
+        lines.append("|---|---|" + "---|" * len(cols))
+        tasks = sorted({r["task"] for r in rows if r["context"] == L and r["task"] != "average"}) + ["average"]
+        for t in tasks:
+            cells = []
+            n = None
+            star = ""
+            for c in cols:
+                r = next((r for r in rows if r["context"] == L and r["task"] == t and
+                          (r["method"], r.get("budget_fraction"), r.get("token_budget")) == c), None)
+                if r is None:
+                    cells.append("")
+                    continue
+                n = r["n"]
+                star = "*" if r.get("partial") else ""
+                cells.append(f"{r['score']:.1f} ±{r['ci95']:.1f}")
+            lines.append(f"| {t} | {n}{star} | " + " | ".join(cells) + " |")
+        ratio = []
+        for c in cols:
+            r = next((r for r in rows if r["context"] == L and r["task"] == "average" and
+                      (r["method"], r.get("budget_fraction"), r.get("token_budget")) == c), None)
+            ratio.append("" if r is None or r["ratio"] is None else f"{100 * r['ratio']:.1f}%")
+        lines.append("| ratio to dense (avg) | | " + " | ".join(ratio) + " |")
+        af = []
+        for c in cols:
+            rs = [r for r in rows if r["context"] == L and r["task"] != "average" and
+                  (r["method"], r.get("budget_fraction"), r.get("token_budget")) == c and r.get("attended_fraction")]
+            af.append(f"{100 * sum(r['attended_fraction'] for r in rs) / len(rs):.1f}%" if rs else "")
+        lines.append("| pages attended (sparse layers) | | " + " | ".join(af) + " |")
+        lines.append("")
+        drops = [r for r in rows if r["context"] == L and r["task"] != "average" and r["method"] != "dense"
+                 and r.get("delta_ci95") is not None and r["delta"] + r["delta_ci95"] < 0]
+        if drops:
+            lines.append("Significant paired drops vs dense (delta + ci95 < 0): " + "; ".join(
+                f"{r['task']} {r['method']} {_label_value(r)}: {r['delta']:+.1f} ±{r['delta_ci95']:.1f}" for r in drops))
+            lines.append("")
+    if irows:
+        lines += ["## IoU with the oracle (Spotlight's metric)", "",
+                  "Along the dense decode (first steps of each sample), every sparse layer's query is scored "
+                  "by each method (the backend's selector code); its top ceil(P*f) pages are compared with "
+                  "the top pages by exact attention mass (GQA group sum), no sink/recent pages forced on "
+                  "either side. IoU: mean over samples, steps, layers 2-29 and KV heads. Recall: share of the "
+                  "exact attention mass the selected pages hold (the oracle's is the best possible).", "",
+                  "| context | budget | " + " | ".join(f"{m} IoU" for m in sorted({r['method'] for r in irows}))
+                  + " | " + " | ".join(f"{m} recall" for m in sorted({r['method'] for r in irows}))
+                  + " | oracle recall | n |",
+                  "|---|---|" + "---|" * (2 * len({r['method'] for r in irows}) + 2)]
+        for L in sorted({r["context"] for r in irows}):
+            for f in sorted({r["budget_fraction"] for r in irows}):
+                rs = {r["method"]: r for r in irows if r["context"] == L and r["budget_fraction"] == f}
+                ms = sorted(rs)
+                orc = sum(r["oracle_recall"] for r in rs.values()) / len(rs)
+                lines.append(f"| {L} | {100 * f:g}% | " + " | ".join(f"{rs[m]['iou']:.3f}" for m in ms) + " | "
+                             + " | ".join(f"{rs[m]['recall']:.3f}" for m in ms) + f" | {orc:.3f} | "
+                             f"{min(r['n'] for r in rs.values())} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def plot_iou(irows, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    ctxs = sorted({r["context"] for r in irows})
+    fig, axes = plt.subplots(1, len(ctxs), figsize=(6 * len(ctxs), 4), squeeze=False)
+    for ax, L in zip(axes[0], ctxs):
+        for r in irows:
+            if r["context"] != L:
+                continue
+            ls = sorted(r["iou_per_layer_head"], key=int)
+            ax.plot([int(l) for l in ls], [sum(r["iou_per_layer_head"][l]) / len(r["iou_per_layer_head"][l]) for l in ls],
+                    label=f"{r['method']} {100 * r['budget_fraction']:g}%",
+                    linestyle="-" if r["method"] == "quest" else "--")
+        ax.set_title(f"IoU with oracle top pages, context {L}")
+        ax.set_xlabel("layer")
+        ax.set_ylabel("IoU (mean over KV heads)")
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def cmd_report(a) -> int:
+    from vllm_sparsekv.eval.client import load_results
+
+    base = out_base(a)
+    recs = []
+    seen = set()
+    for f in sorted(base.parent.glob(base.name + "*.records.jsonl")):  # one file per shard
+        for r in load_results(f).values():
+            if r["id"] not in seen:  # shards may overlap
+                seen.add(r["id"])
+                recs.append(r)
+    if not recs:
+        print("no records yet")
+        return 1
+    metas = [json.loads(f.read_text()) for f in sorted(base.parent.glob(base.name + "*.meta.json"))]
+    meta = dict(metas[0]) if metas else {}
+    if len(metas) > 1:
+        meta["command"] = " ; ".join(m["command"] for m in metas)
+        meta["phases"] = ";".join(m["phases"] for m in metas)
+    planned = {}
+    for L, tasks, n in parse_phases(meta.get("phases", a.phases)):
+        for t in tasks:
+            planned[(t, L)] = n
+    runs = _runs(a)
+    name = model_name(a.model)
+    rows = build_rows(recs, runs, name, planned)
+    irows = iou_rows(recs, name)
+    done = {(r["task"], r["target_length"]) for r in recs}
+    missing = [f"{t}@{L}" for (t, L) in planned if (t, L) not in done]
+    partial = any(r.get("partial") for r in rows) or bool(missing)
+    bs = meta.get("block_size", a.block_size)
+    doc = {"model": name, "suite": "ruler", "partial": partial, "missing_groups": missing,
+           "command": meta.get("command", " ".join(sys.argv)), "commit": meta.get("commit", commit()),
+           "settings": {"block_size": bs, "sink_tokens": 64, "recent_tokens": 64, "dense_layers": [0, 1],
+                        "chat_template": True, "greedy": True, "max_new_tokens": meta.get("max_new_tokens"),
+                        "phases": meta.get("phases", a.phases), "driver": "vllm_sparsekv.eval.sweep (HF + backend selectors/kernels)"},
+           "samples": len(recs), "rows": rows, "iou_rows": irows}
+    Path(str(base) + ".json").write_text(json.dumps(doc, indent=1) + "\n")
+    md = markdown(rows, irows, doc, partial, bs)
+    png = plot_iou(irows, str(base) + "_iou.png") if irows else None
+    if png:
+        md += f"\n![IoU per layer]({Path(png).name})\n"
+    Path(str(base) + ".md").write_text(md)
+    print(md)
+    return 0
+
+
+def main(argv=None) -> int:
+    def csv(x):
+        return [v.strip() for v in x.split(",") if v.strip()]
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("cmd", choices=["run", "report"])
+    p.add_argument("--model", default=str(ROOT / "data/models/SmolLM2-135M-Instruct"))
+    p.add_argument("--name", default=None, help="report file stem: quality_<name> (default: model's first word)")
+    p.add_argument("--phases", default=DEFAULT_PHASES, help="'LEN:task,task:N;LEN:...' run in order")
+    p.add_argument("--methods", type=csv, default=["quest", "hash"],
+                   help="registered methods (vllm_sparsekv.methods.available()) or 'all'")
+    p.add_argument("--budget-fractions", type=lambda x: [float(v) for v in csv(x)], default=[0.25, 0.125, 0.0625])
+    p.add_argument("--token-budgets", type=lambda x: [int(v) for v in csv(x)], default=[256, 1024])
+    p.add_argument("--iou-fractions", type=lambda x: [float(v) for v in csv(x)], default=[0.02, 0.05, 0.10])
+    p.add_argument("--iou-steps", type=int, default=4)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=12,
+                   help="cap on tokens generated (a 7-digit needle + EOS is about 10 SmolLM2 tokens)")
+    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")),
+                   help="torch threads; 1 is ~10x faster than 2 for the decode steps on a shared 2-core box")
+    p.add_argument("--haystack", default=None)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--skip", type=int, default=0, help="start at this sample of the plan (another shard did the first)")
+    p.add_argument("--shard", default=None, help="records/meta file suffix, so several runs can write in parallel")
+    p.add_argument("--out-dir", default=str(ROOT / "benchmarks/results"))
+    a = p.parse_args(argv)
+    return cmd_run(a) if a.cmd == "run" else cmd_report(a)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
