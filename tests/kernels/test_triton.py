@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import subprocess
 import sys
 import zlib
@@ -25,7 +26,8 @@ triton = pytest.importorskip("triton")
 # (see test_interpreter_subprocess); run them directly with `TRITON_INTERPRET=1 pytest <this file>`.
 INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
 RUN_HERE = CUDA or INTERP
-here = pytest.mark.skipif(not RUN_HERE, reason="runs in the TRITON_INTERPRET=1 child (test_interpreter_subprocess)")
+# tests/kernels/conftest.py deselects these where they cannot run here (they run in the child)
+here = pytest.mark.kernel_in_process
 
 from vllm_sparsekv.kernels import hash_codes, page_bounds, page_scores, page_select, sparse_decode  # noqa: E402
 from vllm_sparsekv.kernels.testing import all_pages, make_paged, rel_err  # noqa: E402
@@ -38,6 +40,8 @@ def test_interpreter_subprocess():
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__))],
                        cwd=root, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-8000:] + r.stderr[-4000:]
+    passed = re.search(r"(\d+) passed", r.stdout)
+    assert passed and int(passed.group(1)) >= 40, r.stdout[-3000:]  # the kernels really ran there
 
 DEV = "cuda" if CUDA else "cpu"
 TOL = {torch.float32: 2e-5, torch.bfloat16: 1.5e-2, torch.float16: 3e-3}
