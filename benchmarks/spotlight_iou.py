@@ -28,6 +28,7 @@ import torch
 
 FRACTIONS = (0.02, 0.05, 0.10)
 METHODS = ("hash", "spotlight", "quest")
+SUM_VARIANTS = ("hash-sum", "spotlight-sum")  # hash_page_reduce="sum" (middle-page IoU only)
 
 
 def heldout_windows(tok, names: list[str], length: int, n: int) -> list[list[int]]:
@@ -47,6 +48,94 @@ def heldout_windows(tok, names: list[str], length: int, n: int) -> list[list[int
     return [wins[int(i * step)] for i in range(n)]
 
 
+@torch.no_grad()
+def middle_page_iou(model, prompts, cfg, sparse_layers, block_size: int, queries: int,
+                    sink_pages: int = 1, recent_pages: int = 1) -> dict:
+    """Page IoU over the pages the backend's scores choose: the first `sink_pages` and last
+    `recent_pages` pages (always attended) are left out of both sides. One dense forward per prompt;
+    `queries` positions evenly spread over its second half act as decode queries (seq_len t + 1);
+    every method's selector writes the prompt's keys once and scores the pages. k = ceil(f x the
+    candidate pages), the oracle = the top-k candidate pages by exact attention mass (GQA group sum).
+    Returns {method: {fraction: {"iou": [...], "recall": [...], "oracle_recall": [...]}}} per
+    (prompt, layer, query, head) values averaged per layer."""
+    import math
+
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from vllm_sparsekv.eval import iou as I
+    from vllm_sparsekv.methods import get_method
+    from vllm_sparsekv.methods.base import LayerGeometry
+
+    cap = {}
+
+    def hook(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kw):
+        if module.layer_idx in sparse_layers:
+            cap[module.layer_idx] = (query[0].float(), key[0].float(), scaling)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kw)
+
+    AttentionInterface.register("sparsekv_bench_capture", hook)
+    mods = [m for m in model.modules() if hasattr(getattr(m, "config", None), "_attn_implementation")]
+    prev = [m.config._attn_implementation for m in mods]
+    acc: dict = {}
+    bs = block_size
+    for ids in prompts:
+        cap.clear()
+        for m in mods:
+            m.config._attn_implementation = "sparsekv_bench_capture"
+        try:
+            model.model(input_ids=torch.tensor([ids]), use_cache=False)
+        finally:
+            for m, v in zip(mods, prev):
+                m.config._attn_implementation = v
+        for layer in sparse_layers:
+            q, k, scale = cap[layer]  # [Hq, L, D], [Hkv, L, D]
+            hq, L, d = q.shape
+            hkv = k.shape[0]
+            P = -(-L // bs)
+            kc = k.new_zeros(P * bs, hkv, d)
+            kc[:L] = k.transpose(0, 1)
+            key_cache = kc.view(P, bs, hkv, d)
+            t = torch.linspace(L // 2, L - 1, queries).long()
+            N = len(t)
+            qb = q[:, t].transpose(0, 1).contiguous()  # [N, Hq, D]
+            bt = torch.arange(P, dtype=torch.int32)[None].expand(N, -1).contiguous()
+            sl = (t + 1).to(torch.int32)
+            logits = torch.einsum("nhd,hld->nhl", qb, k.repeat_interleave(hq // hkv, 0)) * (scale or d ** -0.5)
+            logits.masked_fill_(torch.arange(L)[None, None] > t[:, None, None], float("-inf"))
+            ga = torch.softmax(logits, -1).view(N, hkv, hq // hkv, L).sum(2)  # [N, Hkv, L]
+            pm = I.page_mass(ga.reshape(N * hkv, L), bs).view(N, hkv, P)
+            npages = -(-(t + 1) // bs)
+            pidx = torch.arange(P)
+            cand = (pidx[None] >= sink_pages) & (pidx[None] < (npages - recent_pages)[:, None])  # [N, P]
+            ncand = cand.sum(-1)
+            pm_c = torch.where(cand[:, None], pm, torch.full_like(pm, float("-inf")))
+            tot = torch.where(cand[:, None], pm, torch.zeros_like(pm)).sum(-1)
+            for meth in (*METHODS, *SUM_VARIANTS):
+                base = meth.removesuffix("-sum")
+                upd = {"method": base, "hash_page_reduce": "sum" if meth.endswith("-sum") else "max"}
+                sel = get_method(base)(cfg.model_copy(update=upd), LayerGeometry(hq, hkv, d, bs, layer))
+                sel.allocate(P, torch.float32, torch.device("cpu"))
+                sel.on_kv_write(k.transpose(0, 1).contiguous(), key_cache, torch.arange(L))
+                sc = sel.score_pages(qb, key_cache, bt, sl, P)  # [N, Hkv, P]
+                sc = torch.where(cand[:, None], sc, torch.full_like(sc, float("-inf")))
+                for f in FRACTIONS:
+                    kk = (ncand.float() * f).ceil().long().clamp(min=1)[:, None].expand(N, hkv)
+                    a = I.topk_mask(sc, kk)
+                    b = I.topk_mask(pm_c, kk)
+                    ent = acc.setdefault(meth, {}).setdefault(f, {}).setdefault(layer, {"iou": [], "recall": [], "oracle_recall": []})
+                    ent["iou"].append(I.iou(a, b).mean().item())
+                    ent["recall"].append(((pm * a).sum(-1) / tot.clamp(min=1e-30)).mean().item())
+                    ent["oracle_recall"].append(((pm * b).sum(-1) / tot.clamp(min=1e-30)).mean().item())
+    out = {}
+    for meth, per_f in acc.items():
+        for f, per_l in per_f.items():
+            lay = {l: {kk: sum(v) / len(v) for kk, v in e.items()} for l, e in per_l.items()}
+            mean = {kk: sum(e[kk] for e in lay.values()) / len(lay) for kk in ("iou", "recall", "oracle_recall")}
+            out.setdefault(meth, {})[f] = {**mean, "iou_per_layer": {str(l): round(e["iou"], 4) for l, e in lay.items()}}
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
@@ -56,6 +145,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=8, help="decode steps probed per prompt")
     p.add_argument("--token-prompts", type=int, default=2, help="prompts also used for the token IoU")
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--middle-queries", type=int, default=16, help="query positions per prompt for the middle-page IoU")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", required=True, help="path prefix: OUT.json and OUT.md")
     a = p.parse_args(argv)
@@ -96,6 +186,10 @@ def main(argv=None) -> int:
             page_rows.append({"method": m, "fraction": f, "iou": avg("iou_mean"), "recall": avg("recall_mean"),
                               "oracle_recall": avg("oracle_recall_mean"), "steps": sum(v["steps"] for v in vs),
                               "iou_per_layer": {l: round(x, 4) for l, x in per_layer.items()}})
+    mid = middle_page_iou(model, prompts, cfg, sparse_layers, a.block_size, a.middle_queries)
+    mid_rows = [{"method": m, "fraction": f, **mid[m][f]} for m in (*METHODS, *SUM_VARIANTS) for f in FRACTIONS]
+    print("middle pages: " + " ".join(f"{r['method']}@{r['fraction']:g} {r['iou']:.3f}" for r in mid_rows),
+          file=sys.stderr, flush=True)
     # token IoU: the trainer's validation measure on the held-out prompts
     s = ckpt["train"]["settings"]
     opts = dict(s, max_que=s["max_que"], seed=1234)
@@ -121,7 +215,8 @@ def main(argv=None) -> int:
                                                                             "head_dim", "hash_bits", "hidden")},
            "train_settings": s, "train_val_iou": summ, "heldout_essays": held, "context": a.length,
            "prompts": a.prompts, "decode_steps_per_prompt": a.steps, "block_size": a.block_size,
-           "sparse_layers": sparse_layers, "page_iou": page_rows, "token_iou": token_rows,
+           "sparse_layers": sparse_layers, "page_iou": page_rows, "middle_page_iou": mid_rows,
+           "middle_queries_per_prompt": a.middle_queries, "token_iou": token_rows,
            "token_prompts": a.token_prompts, "token_queries_per_prompt_layer": opts["max_que"],
            "wall_s": round(time.time() - t0, 1), "argv": sys.argv[1:] if argv is None else argv}
     out = Path(a.out)
@@ -140,6 +235,21 @@ def main(argv=None) -> int:
                   + " | ".join(f"{rows[m]['recall']:.3f}" for m in METHODS) + " |")
     orc = ", ".join(f"{r['oracle_recall']:.3f}" for r in page_rows if r["method"] == "hash")
     md += ["", f"recall = share of the exact attention mass inside the selected pages (oracle: {orc}).", "",
+           "## Page IoU over the pages the scores choose (sink and recent page left out of both sides)", "",
+           f"{a.middle_queries} query positions per prompt in its second half, k = ceil(f x candidate pages); "
+           "recall = share of the candidate pages' attention mass inside the selection.", "",
+           "| budget | " + " | ".join(METHODS) + " | recall " + " | recall ".join(METHODS) + " |",
+           "|---|" + "---|" * (2 * len(METHODS))]
+    for f in FRACTIONS:
+        rows = {r["method"]: r for r in mid_rows if r["fraction"] == f}
+        md.append(f"| {f:.0%} | " + " | ".join(f"{rows[m]['iou']:.3f}" for m in METHODS) + " | "
+                  + " | ".join(f"{rows[m]['recall']:.3f}" for m in METHODS) + " |")
+    md += ["", "With hash_page_reduce=\"sum\" (page score = sum of its tokens' Hamming similarities): "
+           + "; ".join(f"{f:.0%}: " + ", ".join(f"{r['method']} {r['iou']:.3f}" for r in mid_rows
+                                                   if r["fraction"] == f and r["method"] in SUM_VARIANTS)
+                       for f in FRACTIONS)]
+    orc = ", ".join(f"{r['oracle_recall']:.3f}" for r in mid_rows if r["method"] == "hash")
+    md += ["", f"(oracle recall: {orc})", "",
            f"## Token IoU (Spotlight's metric; {opts['max_que']} query positions per prompt and layer, "
            f"{a.token_prompts} prompts; candidates = positions [sink, t - recent])", "",
            "| budget | linear hash | trained hash |", "|---|---|---|"]
