@@ -107,7 +107,7 @@ def check_geometry(ckpt: dict, config, *, num_layers: int | None = None, num_kv_
             bad.append(f"{name}: checkpoint {ckpt[name]}, model {want}")
     if "hash_bits" in config.model_fields_set and int(config.hash_bits) != int(ckpt["hash_bits"]):
         bad.append(f"hash_bits: checkpoint {ckpt['hash_bits']}, sparsekv.hash_bits {config.hash_bits}")
-    if layers is not None:
+    if layers is not None and not bad:  # (a wrong geometry already says it all)
         missing = sorted(set(layers) - set(int(k) for k in ckpt["layers"]))
         if missing:
             bad.append(f"layers {missing} are not trained in the checkpoint (complete={ckpt.get('complete')}; "
