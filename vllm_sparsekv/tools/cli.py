@@ -7,13 +7,14 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from vllm_sparsekv.tools import profile_heads, train_hash
     from vllm_sparsekv.tools.eval_cli import add_eval_parser
 
     parser = argparse.ArgumentParser(prog="sparsekv", description="vllm-sparsekv tools")
     sub = parser.add_subparsers(dest="command", required=True)
     add_eval_parser(sub)
-    from vllm_sparsekv.tools import profile_heads; profile_heads.add_profile_parser(sub)  # noqa: E702
-    from vllm_sparsekv.tools import train_hash; train_hash.add_parser(sub)  # noqa: E702
+    profile_heads.add_profile_parser(sub)
+    train_hash.add_parser(sub)
     return parser
 
 
