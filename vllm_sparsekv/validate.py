@@ -35,6 +35,10 @@ def validate_engine_config(vllm_config) -> None:
         window = model.get_sliding_window() if hasattr(model, "get_sliding_window") else None
         if window:
             problems.append(f"sliding-window attention (window {window}) is not supported")
+    tp = getattr(vllm_config.parallel_config, "tensor_parallel_size", 1)
+    if cfg.budget_allocation in ("infscore", "headkv") and tp != 1:
+        problems.append(f"budget_allocation={cfg.budget_allocation!r} with tensor_parallel_size={tp} "
+                        "(per-head budgets are indexed by the whole model's KV heads); use uniform or pyramid")
     cache = vllm_config.cache_config
     if cache is not None and get_method(cfg.method).needs_prefill_queries and cache.enable_prefix_caching:
         # page scores from one request's prefill would be served to another sharing the block

@@ -280,7 +280,7 @@ class SparseKVImpl(AttentionImpl):
             compat.check_cpu_cache_layout(layer.isa, kv_cache.dtype, self.head_size, kv_cache.shape[2])
         if self.is_dense_layer:
             return
-        w = budgets.layer_head_weights(self.config, self.num_layers, self.num_kv_heads)[index]
+        w = budgets.layer_head_weights(self.config, self.num_layers, self.num_kv_heads, kv_cache.shape[2])[index]
         # None when uniform: the builder's per-request budget is used as is
         self.budget_weights = None if bool((w == 1).all()) else w.to(kv_cache.device)
         self.budget_weight_max = float(w.max())  # sizes this layer's static k
