@@ -340,7 +340,9 @@ class SparseKVImpl(AttentionImpl):
         budget = md.budget_pages
         if self.budget_weights is not None and not self.selector.selects_all:
             budget = torch.round(budget * self.budget_weights).to(torch.int32)
-            k_max = min(md.max_pages, math.ceil(k_max * self.budget_weight_max))
+            # widen k for layers whose heads get more than the uniform budget; never narrow it
+            # (k is the cap of the selection, and a CPU batch's k is already clamped to its pages)
+            k_max = min(md.max_pages, math.ceil(k_max * max(1.0, self.budget_weight_max)))
         bs = key_cache.shape[1]
         page_idx, num_selected = kernels.select_pages(
             scores, seq_lens, bs, budget,

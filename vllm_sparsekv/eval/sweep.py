@@ -252,7 +252,7 @@ def _hook(module, query, key, value, attention_mask, dropout=0.0, scaling=None, 
         w = _budget_weights(cfg, layer, hkv)
         if w is not None:
             budget = torch.round(budget * w.to(q.device)).to(torch.int32)
-            k_max = min(P, math.ceil(k_max * float(w.max())))
+            k_max = min(P, math.ceil(k_max * max(1.0, float(w.max()))))  # as the backend: never narrowed
     # k_max only sizes the -1 padding of page_idx (k = min(max(budget, forced), pages, k_max)), so
     # trimming it to what this step can select changes no selection; it keeps the torch reference
     # of sparse_paged_decode from walking every padded slot (the backend's CPU k_max is the batch's
