@@ -101,6 +101,7 @@ fi
 # ---- default model ----------------------------------------------------------------------------
 if [[ "${SPARSEKV_SKIP_MODEL:-0}" != 1 ]]; then
   "$VPY" -m vllm_sparsekv.models smollm2 --data-dir "$SPARSEKV_DATA_DIR"
+  "$VPY" -m vllm_sparsekv.models essays --data-dir "$SPARSEKV_DATA_DIR"  # the eval haystack
 fi
 
 log "done: venv $VENV, data $SPARSEKV_DATA_DIR"

