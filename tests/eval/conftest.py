@@ -45,3 +45,16 @@ def hf_tokenizer(raw_tokenizer):
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast(tokenizer_object=raw_tokenizer, eos_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    """A tiny random Llama (no hub): 3 layers, 4 query / 2 KV heads, for the sweep tests."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                      attn_implementation="sdpa")
+    return LlamaForCausalLM(cfg).eval()

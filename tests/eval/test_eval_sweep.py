@@ -6,20 +6,9 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from vllm_sparsekv.config import SparseKVConfig  # noqa: E402
 from vllm_sparsekv.eval import sweep  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tiny_model():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                      attn_implementation="sdpa")
-    m = LlamaForCausalLM(cfg).eval()
-    return m
 
 
 def _prompt(n=300):
