@@ -2,7 +2,10 @@
 
 For each (batch, context, page size): dense paged decode (our kernel, every page), torch SDPA over
 contiguous K/V (external peer, GQA as a G-row query per KV head), and for each method (quest,
-hash-128) and budget: sparse total (score + top-k + attend) and its parts. Times: CUDA events around
+hash-128, spotlight-128) and budget: sparse total (score + top-k + attend) and its parts.
+`spotlight` is the trained hash as the backend runs it: its query MLP (hidden layer, SiLU, folded
+last layer: `methods/spotlight.py`) runs on every decode step inside the timed score part, so its
+cost shows (weights random at the checkpoint's shapes: timing does not depend on their values). Times: CUDA events around
 CUDA-graph replays (launch gaps removed), L2 flushed before every replay, warm-up, median of --reps.
 
     python benchmarks/kernel_decode.py [--out benchmarks/results] [--commit SHA] [--quick] [--tune]
@@ -34,6 +37,7 @@ G = HQ // HKV
 DT = torch.bfloat16
 SINK, RECENT = 1, 1
 BITS = 128
+HIDDEN = 128  # `sparsekv train-hash --hidden` default
 BUDGETS = [("1/8", 1 / 8), ("1/16", 1 / 16), ("1/32", 1 / 32), ("2%", 0.02)]
 
 _flush = None
@@ -100,6 +104,15 @@ class Case:
         self.proj = torch.randn(HKV, D, BITS, device="cuda")
         self.codes = torch.empty(B, bs, HKV, BITS // 32, dtype=torch.int32, device="cuda")
         K.hash_codes_update(self.kc.reshape(-1, HKV, D), slots, self.proj, self.codes)
+        from vllm_sparsekv.methods import spotlight as S
+
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        self.mlp = {"q_w1": torch.randn(HKV, D, HIDDEN, device="cuda", generator=g) / D ** 0.5,
+                    "q_b1": torch.zeros(HKV, HIDDEN, device="cuda"),
+                    "q_skip": torch.randn(HKV, D, BITS, device="cuda", generator=g),
+                    "q_w2": torch.randn(HKV, HIDDEN, BITS, device="cuda", generator=g) / HIDDEN ** 0.5,
+                    "q_b2": torch.zeros(HKV, BITS, device="cuda")}
+        self.mlp_proj = S.folded_projection(self.mlp, "q")
         self.dense_idx = torch.arange(P, dtype=torch.int32, device="cuda").expand(N, HKV, P).contiguous()
         torch.cuda.synchronize()
 
@@ -129,6 +142,11 @@ class Case:
     def score(self, method):
         if method == "quest":
             return lambda: K.quest_page_scores(self.q, self.bounds, self.bt, self.sl, self.P, self.bs)
+        if method == "spotlight":
+            from vllm_sparsekv.methods import spotlight as S
+
+            return lambda: K.hash_page_scores(K.hash_query(S.layer_features(self.mlp, self.q, "q"), self.mlp_proj),
+                                              self.codes, self.bt, self.sl, self.P, "max")
         return lambda: K.hash_page_scores(K.hash_query(self.q, self.proj), self.codes, self.bt, self.sl, self.P, "max")
 
 
@@ -137,6 +155,8 @@ def row_bytes(c: Case, method, k):
     kv_tok = 2 * D * 2  # K+V bf16 per token per KV head
     dense = N * HKV * (c.L * kv_tok + P * 4 + P * 4) + 2 * N * HQ * D * 2
     meta = N * HKV * P * (2 * D * 2) if method == "quest" else N * HKV * c.L * (BITS // 8)
+    if method == "spotlight":  # the query MLP's float32 weights
+        meta += HKV * (D * HIDDEN + HIDDEN + (D + HIDDEN + 1) * BITS) * 4
     select = N * HKV * P * 4 * 2 + N * HKV * k * 4  # scores written + read, page ids written
     attend = N * HKV * k * (bs * kv_tok + 8) + 2 * N * HQ * D * 2
     return dense, meta + select + attend
@@ -149,7 +169,7 @@ def run(args):
     res = {"device": dev, "torch": torch.__version__, "triton": triton.__version__, "commit": args.commit,
            "command": "python benchmarks/kernel_decode.py " + " ".join(sys.argv[1:]),
            "config": {"Hq": HQ, "Hkv": HKV, "D": D, "dtype": "bfloat16", "sink_pages": SINK,
-                      "recent_pages": RECENT, "hash_bits": BITS, "reps": args.reps,
+                      "recent_pages": RECENT, "hash_bits": BITS, "spotlight_hidden": HIDDEN, "reps": args.reps,
                       "timing": "median of CUDA-event-timed CUDA-graph replays, L2 flushed before each"},
            "rows": []}
     res["hbm_copy_TBps"] = hbm_copy_TBps()
@@ -171,7 +191,7 @@ def run(args):
                 dense_b, _ = row_bytes(c, "quest", c.P)
                 print(f"N={N:3d} L={L:6d} bs={bs}: dense {dense_ms:.3f} ms ({dense_b / dense_ms / 1e9:.2f} TB/s), "
                       f"sdpa {sdpa_ms:.3f} ms, dense-vs-sdpa rel err {err:.1e}", flush=True)
-                for method in ["quest", "hash"]:
+                for method in args.methods:
                     score = c.score(method)
                     sc = score()
                     for bname, frac in BUDGETS:
@@ -357,7 +377,7 @@ def plot(res, path):
     ctxs = sorted({r["context"] for r in res["rows"]})
     fig, axes = plt.subplots(1, len(ctxs), figsize=(6 * len(ctxs), 4.5), squeeze=False)
     for ax, L in zip(axes[0], ctxs):
-        for method, mk in (("quest", "o"), ("hash", "s")):
+        for method, mk in (("quest", "o"), ("hash", "s"), ("spotlight", "^")):
             for bs, ls in ((16, "-"), (32, "--")):
                 for N, col in ((1, "tab:blue"), (8, "tab:orange"), (32, "tab:green")):
                     rs = sorted((r for r in res["rows"] if r["context"] == L and r["method"] == method
@@ -385,6 +405,8 @@ def main():
     ap.add_argument("--commit", default=os.environ.get("SPARSEKV_COMMIT", "unknown"))
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--quick", action="store_true", help="only B=8, L=128K")
+    ap.add_argument("--methods", type=lambda x: [m for m in x.split(",") if m], default=["quest", "hash", "spotlight"],
+                    help="comma list of quest, hash, spotlight")
     ap.add_argument("--tune", action="store_true", help="sweep the dense launch knobs first")
     ap.add_argument("--sweep", action="store_true", help="sweep the sparse parts' knobs, then exit")
     ap.add_argument("--parts", action="store_true", help="B=8 128K target cases part by part, then exit")

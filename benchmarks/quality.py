@@ -68,10 +68,27 @@ def commit() -> str:
         return "unknown"
 
 
+def _common(a) -> dict:
+    """SparseKVConfig settings shared by every run (None = the config's default)."""
+    c = {"sink_tokens": a.sink_tokens, "recent_tokens": a.recent_tokens, "head_budgets": a.head_budgets,
+         "hash_checkpoint": a.hash_checkpoint}
+    return {k: v for k, v in c.items() if v is not None}
+
+
 def _runs(a):
     from vllm_sparsekv.eval import sweep
 
-    return sweep.make_configs(a.methods, a.budget_fractions, a.token_budgets)
+    return sweep.make_configs(a.methods, a.budget_fractions, a.token_budgets, **_common(a))
+
+
+def _device_name(device: str) -> str:
+    import platform
+
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
 def plan(a, tok, tmpl):
@@ -96,13 +113,19 @@ def cmd_run(a) -> int:
     base = out_base(a)
     base.parent.mkdir(parents=True, exist_ok=True)
     shard = Path(f"{base}.{a.shard}" if a.shard else str(base))
-    model, tok = sweep.load_model(a.model)
+    model, tok = sweep.load_model(a.model, device=a.device)
     tmpl = len(tok.encode(tok.apply_chat_template([{"role": "user", "content": ""}], tokenize=False,
                                                   add_generation_prompt=True), add_special_tokens=False))
     samples = plan(a, tok, tmpl)[a.skip:]
-    probe = sweep.IouProbe(sweep.resolve_methods(a.methods), a.iou_fractions, a.iou_steps, SparseKVConfig())
+    probe = None
+    if a.iou_methods:
+        probe = sweep.IouProbe(sweep.resolve_methods(a.iou_methods), a.iou_fractions, a.iou_steps,
+                               SparseKVConfig(**_common(a)))
+    cfg = SparseKVConfig(**_common(a))
     meta = {"command": " ".join([sys.executable, *sys.argv]), "commit": commit(), "started": time.time(),
-            "phases": a.phases, "block_size": a.block_size, "max_new_tokens": a.max_new_tokens}
+            "device": _device_name(a.device), "phases": a.phases, "block_size": a.block_size,
+            "max_new_tokens": a.max_new_tokens, "sink_tokens": cfg.sink_tokens,
+            "recent_tokens": cfg.recent_tokens, "dense_layers": list(cfg.dense_layers)}
     Path(str(shard) + ".meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     print(f"{len(samples)} samples, {len(_runs(a))} runs each -> {shard}.records.jsonl", flush=True)
     sweep.ruler_sweep(model, tok, samples, _runs(a), str(shard) + ".records.jsonl", a.block_size,
@@ -237,11 +260,7 @@ def build_rows(records, runs, name, planned):
     # the tasks is not defined when tasks differ in n, so it is the mean of the task CIs / sqrt(T))
     for L in sorted({r["context"] for r in rows}):
         for run in runs:
-            sel = [r for r in rows if r["context"] == L and r["task"] != "average"
-                   and all(r.get(k) == v for k, v in run.row_fields().items())
-                   and not ("budget_fraction" in r and "token_budget" in run.row_fields())]
-            sel = [r for r in sel if set(k for k in ("budget_fraction", "token_budget") if k in r)
-                   == set(k for k in ("budget_fraction", "token_budget") if k in run.row_fields())]
+            sel = [r for r in rows if r["context"] == L and r["task"] != "average" and _key(r) == _key(run.row_fields())]
             if not sel:
                 continue
             T = len(sel)
@@ -280,34 +299,35 @@ def iou_rows(records, name):
     return out
 
 
+def _key(r):
+    return (r["method"], r.get("budget_allocation"), r.get("budget_fraction"), r.get("token_budget"))
+
+
+def _method_label(r):
+    return r["method"] + (f"@{r['budget_allocation']}" if r.get("budget_allocation") not in (None, "pyramid") else "")
+
+
 def markdown(rows, irows, meta, partial, block_size):
     name = rows[0]["model"] if rows else "?"
+    st = meta.get("settings", {})
     lines = [f"# Quality report: {name} (RULER-style suite, offline sweep)", ""]
     if partial:
         lines += ["**PARTIAL**: the run was cut short; groups marked `*` have fewer samples than planned.", ""]
     lines += [f"- command: `{meta.get('command', '')}`", f"- commit: `{meta.get('commit', '')}`",
-              f"- page (block) size {block_size} tokens; sink 64 + recent 64 tokens; dense layers [0, 1]; "
+              f"- device: {meta.get('device', 'CPU')}",
+              f"- page (block) size {block_size} tokens; sink {st.get('sink_tokens')} + recent "
+              f"{st.get('recent_tokens')} tokens always attended; dense layers {st.get('dense_layers')}; "
               "greedy decoding, chat template; one dense prefill per prompt shared by all runs; "
               "scores: RULER string_match_all x 100; ci95 = normal-approx half-width (Wilson for all-0/1).",
               ""]
     ctxs = sorted({r["context"] for r in rows})
-    cols = []
-    for r in rows:
-        key = (r["method"], r.get("budget_fraction"), r.get("token_budget"))
-        if key not in cols:
-            cols.append(key)
-
-    def hdr(k):
-        m, f, b = k
-        return "dense" if m == "dense" else f"{m} {'1/%d' % round(1 / f) if f else f'{b}t'}"
-
     # targets
     lines += ["## Targets (quest, average over tasks, ratio to dense)", "",
               "| context | budget | quest / dense | target | met |", "|---|---|---|---|---|"]
     for L in ctxs:
         for f, tgt in TARGETS.items():
             r = next((r for r in rows if r["task"] == "average" and r["context"] == L and r["method"] == "quest"
-                      and r.get("budget_fraction") == f), None)
+                      and not r.get("budget_allocation") and r.get("budget_fraction") == f), None)
             if r is None or r["ratio"] is None:
                 continue
             met = "yes" if 100 * r["ratio"] >= tgt else "**no**"
@@ -316,42 +336,55 @@ def markdown(rows, irows, meta, partial, block_size):
                          f" | >= {tgt:.0f}%{scope} | {met} |")
     lines.append("")
     for L in ctxs:
-        lines += [f"## Context {L}", "", "Score (ci95) per task; last row: mean over tasks and ratio to dense.", ""]
-        lines.append("| task | n | " + " | ".join(hdr(c) for c in cols) + " |")
-        lines.append("|---|---|" + "---|" * len(cols))
-        tasks = sorted({r["task"] for r in rows if r["context"] == L and r["task"] != "average"}) + ["average"]
-        for t in tasks:
+        here = [r for r in rows if r["context"] == L]
+        avg = [r for r in here if r["task"] == "average"]
+        tasks = sorted({r["task"] for r in here if r["task"] != "average"})
+        budgets = []
+        for r in avg:
+            if r["method"] != "dense" and _label_value(r) not in budgets:
+                budgets.append(_label_value(r))
+        methods = []
+        for r in avg:
+            if _method_label(r) not in methods:
+                methods.append(_method_label(r))
+        n = max((r["n"] for r in here if r["task"] != "average"), default=0)
+        lines += [f"## Context {L}", "",
+                  f"Mean score over the tasks ({', '.join(tasks)}; n = {n} per task), by method and budget "
+                  "(budget = fraction of the context's pages, or tokens, per KV head; sink/recent included).", "",
+                  "| method | " + " | ".join(budgets) + " |", "|---|" + "---|" * len(budgets)]
+        for m in methods:
             cells = []
-            n = None
-            star = ""
-            for c in cols:
-                r = next((r for r in rows if r["context"] == L and r["task"] == t and
-                          (r["method"], r.get("budget_fraction"), r.get("token_budget")) == c), None)
-                if r is None:
-                    cells.append("")
-                    continue
-                n = r["n"]
-                star = "*" if r.get("partial") else ""
-                cells.append(f"{r['score']:.1f} ±{r['ci95']:.1f}")
-            lines.append(f"| {t} | {n}{star} | " + " | ".join(cells) + " |")
-        ratio = []
-        for c in cols:
-            r = next((r for r in rows if r["context"] == L and r["task"] == "average" and
-                      (r["method"], r.get("budget_fraction"), r.get("token_budget")) == c), None)
-            ratio.append("" if r is None or r["ratio"] is None else f"{100 * r['ratio']:.1f}%")
-        lines.append("| ratio to dense (avg) | | " + " | ".join(ratio) + " |")
-        af = []
-        for c in cols:
-            rs = [r for r in rows if r["context"] == L and r["task"] != "average" and
-                  (r["method"], r.get("budget_fraction"), r.get("token_budget")) == c and r.get("attended_fraction")]
-            af.append(f"{100 * sum(r['attended_fraction'] for r in rs) / len(rs):.1f}%" if rs else "")
-        lines.append("| pages attended (sparse layers) | | " + " | ".join(af) + " |")
+            for b in budgets:
+                r = next((r for r in avg if _method_label(r) == m and (m == "dense" or _label_value(r) == b)), None)
+                cells.append("" if r is None else f"{r['score']:.1f}" + ("*" if r.get("partial") else ""))
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines += ["", "Per task: score ± ci95; ratio of the task mean to dense; share of pages attended "
+                  "in the sparse layers.", "",
+                  "| method | budget | " + " | ".join(f"{t} (n)" for t in tasks) + " | mean | ratio | pages |",
+                  "|---|---|" + "---|" * (len(tasks) + 3)]
+        keys = []
+        for r in here:
+            if _key(r) not in keys:
+                keys.append(_key(r))
+        for k in keys:
+            rs = {r["task"]: r for r in here if _key(r) == k}
+            a_ = rs.get("average")
+            any_r = next(iter(rs.values()))
+            cells = [(f"{rs[t]['score']:.1f} ±{rs[t]['ci95']:.1f} ({rs[t]['n']}{'*' if rs[t].get('partial') else ''})"
+                      if t in rs else "") for t in tasks]
+            af = [rs[t]["attended_fraction"] for t in tasks if t in rs and rs[t].get("attended_fraction")]
+            mean = "" if a_ is None else f"{a_['score']:.1f}"
+            ratio = "" if a_ is None or a_["ratio"] is None else f"{100 * a_['ratio']:.1f}%"
+            pages = f"{100 * sum(af) / len(af):.1f}%" if af else ""
+            lines.append(f"| {_method_label(any_r)} | {_label_value(any_r)} | " + " | ".join(cells)
+                         + f" | {mean} | {ratio} | {pages} |")
         lines.append("")
-        drops = [r for r in rows if r["context"] == L and r["task"] != "average" and r["method"] != "dense"
+        drops = [r for r in here if r["task"] != "average" and r["method"] != "dense"
                  and r.get("delta_ci95") is not None and r["delta"] + r["delta_ci95"] < 0]
         if drops:
             lines.append("Paired drops vs dense whose 95% interval excludes 0 (delta ± ci95, points): " + "; ".join(
-                f"{r['task']} {r['method']} {_label_value(r)}: {r['delta']:+.1f} ±{r['delta_ci95']:.1f}" for r in drops))
+                f"{r['task']} {_method_label(r)} {_label_value(r)}: {r['delta']:+.1f} ±{r['delta_ci95']:.1f}"
+                for r in drops))
             lines.append("")
     if irows:
         lines += ["## IoU with the oracle (Spotlight's metric)", "",
@@ -455,7 +488,10 @@ def cmd_report(a) -> int:
     bs = meta.get("block_size", a.block_size)
     doc = {"model": name, "suite": "ruler", "partial": partial, "missing_groups": missing,
            "command": meta.get("command", " ".join(sys.argv)), "commit": meta.get("commit", commit()),
-           "settings": {"block_size": bs, "sink_tokens": 64, "recent_tokens": 64, "dense_layers": [0, 1],
+           "device": meta.get("device", "CPU"),
+           "settings": {"block_size": bs, "sink_tokens": meta.get("sink_tokens", 64),
+                        "recent_tokens": meta.get("recent_tokens", 64),
+                        "dense_layers": meta.get("dense_layers", [0, 1]),
                         "chat_template": True, "greedy": True, "max_new_tokens": meta.get("max_new_tokens"),
                         "phases": meta.get("phases", a.phases), "driver": "vllm_sparsekv.eval.sweep (HF + backend selectors/kernels)"},
            "samples": len(recs), "rows": rows, "iou_rows": irows}
@@ -485,7 +521,15 @@ def main(argv=None) -> int:
     p.add_argument("--name", default=None, help="report file stem: quality_<name> (default: model's first word)")
     p.add_argument("--phases", default=DEFAULT_PHASES, help="'LEN:task,task:N;LEN:...' run in order")
     p.add_argument("--methods", type=csv, default=["quest", "hash"],
-                   help="registered methods (vllm_sparsekv.methods.available()) or 'all'")
+                   help="registered methods (vllm_sparsekv.methods.available()) or 'all'; METHOD@ALLOC picks a "
+                        "budget allocation (e.g. snapkv@headkv, needs --head-budgets)")
+    p.add_argument("--iou-methods", type=csv, default=["quest", "hash"],
+                   help="methods of the IoU probe along the dense decode (page scorers; empty: no probe)")
+    p.add_argument("--sink-tokens", type=int, default=None, help="default: the config's")
+    p.add_argument("--recent-tokens", type=int, default=None, help="default: the config's")
+    p.add_argument("--head-budgets", default=None, help="head-score profile for @infscore / @headkv")
+    p.add_argument("--hash-checkpoint", default=None, help="`sparsekv train-hash` checkpoint for spotlight")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (HF model + the kernels' Triton versions)")
     p.add_argument("--budget-fractions", type=lambda x: [float(v) for v in csv(x)], default=[0.25, 0.125, 0.0625])
     p.add_argument("--token-budgets", type=lambda x: [int(v) for v in csv(x)], default=[256, 1024])
     p.add_argument("--iou-fractions", type=lambda x: [float(v) for v in csv(x)], default=[0.02, 0.05, 0.10])

@@ -55,6 +55,8 @@ class RunConfig:
         if self.config is None:
             return {"method": "dense"}
         d = {"method": self.config.method}
+        if self.config.budget_allocation != "uniform":
+            d["budget_allocation"] = self.config.budget_allocation
         if self.config.budget_fraction is not None:
             d["budget_fraction"] = self.config.budget_fraction
         else:
@@ -86,15 +88,27 @@ def resolve_methods(methods: Sequence[str]) -> list[str]:
 
 
 def make_configs(methods: Sequence[str], fractions: Sequence[float] = (), token_budgets: Sequence[int] = (),
-                 include_dense: bool = True, **common) -> list[RunConfig]:
+                 include_dense: bool = True, label_suffix: str = "", **common) -> list[RunConfig]:
+    """Dense plus every (method, budget). A method may name a budget allocation as ``method@alloc``
+    (e.g. ``snapkv@headkv``: SnapKV's selection with HeadKV's per-head budgets; needs
+    ``head_budgets`` in ``common`` for infscore/headkv). ``label_suffix`` keeps labels of runs with
+    other common settings (sink/recent) apart when their records share a file."""
     from vllm_sparsekv.config import SparseKVConfig
 
     out = [RunConfig("dense")] if include_dense else []
-    for m in resolve_methods(methods):
+    specs = []
+    for spec in methods:
+        m, _, alloc = spec.partition("@")
+        specs += [(n, alloc) for n in resolve_methods([m]) if (n, alloc) not in specs]
+    for m, alloc in specs:
+        extra = dict(common, budget_allocation=alloc) if alloc else dict(common)
+        if not alloc:
+            extra.pop("head_budgets", None)
+        name = f"{m}@{alloc}" if alloc else m
         for f in fractions:
-            out.append(RunConfig(f"{m}-f{f:g}", SparseKVConfig(method=m, budget_fraction=f, **common)))
+            out.append(RunConfig(f"{name}-f{f:g}{label_suffix}", SparseKVConfig(method=m, budget_fraction=f, **extra)))
         for b in token_budgets:
-            out.append(RunConfig(f"{m}-b{b}", SparseKVConfig(method=m, token_budget=b, **common)))
+            out.append(RunConfig(f"{name}-b{b}{label_suffix}", SparseKVConfig(method=m, token_budget=b, **extra)))
     return out
 
 
@@ -366,12 +380,14 @@ def register_hook() -> None:
     AttentionInterface.register(HOOK_NAME, _hook)
 
 
-def load_model(path: str, dtype=torch.float32):
+def load_model(path: str, dtype=torch.float32, device: str = "cpu"):
+    """Model (eval mode, sweep hook on) and tokenizer. On ``cuda`` the selectors and kernels run
+    their Triton versions (``vllm_sparsekv.kernels`` dispatch), as the backend does on a GPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     register_hook()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=HOOK_NAME)
-    model.eval()
+    model.to(device).eval()
     return model, AutoTokenizer.from_pretrained(path)
 
 
