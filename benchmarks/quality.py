@@ -62,6 +62,9 @@ def out_base(a) -> Path:
 
 
 def commit() -> str:
+    """HEAD of the checkout, or $SPARSEKV_COMMIT (a copied tree, e.g. on a lent GPU, may carry stale git metadata)."""
+    if os.environ.get("SPARSEKV_COMMIT"):
+        return os.environ["SPARSEKV_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     except Exception:  # pragma: no cover
@@ -132,6 +135,50 @@ def cmd_run(a) -> int:
                       collect_iou=False, chat=True, progress=True, max_new_tokens=a.max_new_tokens,
                       iou_probe=probe)
     return cmd_report(a)
+
+
+# ------------------------------------------------------------------------------- needle grid
+
+
+def cmd_needle(a) -> int:
+    """Needle grid (context x depth, eval/niah.py) through the sweep: one heatmap PNG per run
+    (dense and each method/budget), rows in quality_<name>_needle.json, records resumable."""
+    from vllm_sparsekv.eval import niah, sweep
+
+    import torch
+
+    torch.set_num_threads(a.threads)
+    base = Path(str(out_base(a)) + "_needle")
+    base.parent.mkdir(parents=True, exist_ok=True)
+    model, tok = sweep.load_model(a.model, device=a.device)
+    tmpl = len(tok.encode(tok.apply_chat_template([{"role": "user", "content": ""}], tokenize=False,
+                                                  add_generation_prompt=True), add_special_tokens=False))
+    lengths = [int(float(x[:-1]) * 1024) if x.lower().endswith("k") else int(x) for x in a.needle_lengths.split(",")]
+    depths = [float(x) for x in a.needle_depths.split(",")]
+    samples = niah.grid_samples(tok, lengths, depths, a.needle_samples, haystack_path=a.haystack, seed=a.seed,
+                                model_template_tokens=tmpl, tokens_to_generate=a.max_new_tokens)
+    runs = _runs(a)
+    recs = sweep.ruler_sweep(model, tok, samples, runs, str(base) + ".records.jsonl", a.block_size,
+                             collect_iou=False, chat=True, max_new_tokens=a.max_new_tokens)
+    return needle_report(a, recs, runs, base)
+
+
+def needle_report(a, recs, runs, base) -> int:
+    from vllm_sparsekv.eval import niah
+
+    doc = {"model": model_name(a.model), "command": " ".join([sys.executable, *sys.argv]), "commit": commit(),
+           "device": _device_name(a.device), "block_size": a.block_size, "runs": {}}
+    for run in runs:
+        grid = niah.score_grid([{"target_length": r["target_length"], "meta": r["meta"], "outputs": r["outputs"],
+                                 "pred": r["runs"][run.label]["pred"]} for r in recs if run.label in r["runs"]])
+        doc["runs"][run.label] = {**run.row_fields(), "cells": grid,
+                                  "mean": sum(c["score"] for c in grid) / max(len(grid), 1)}
+        title = f"{model_name(a.model)}: {run.label}"
+        niah.plot_heatmap(grid, f"{base}_{run.label.replace('.', '_')}.png", title)
+    Path(str(base) + ".json").write_text(json.dumps(doc, indent=1) + "\n")
+    for label, d in doc["runs"].items():
+        print(f"{label:>20}: mean {100 * d['mean']:.1f} over {len(d['cells'])} cells")
+    return 0
 
 
 # ------------------------------------------------------------------------------- needle rank
@@ -515,7 +562,10 @@ def main(argv=None) -> int:
         return [v.strip() for v in x.split(",") if v.strip()]
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("cmd", choices=["run", "report", "needle-rank"])
+    p.add_argument("cmd", choices=["run", "report", "needle", "needle-rank"])
+    p.add_argument("--needle-lengths", default="1k,2k,4k,8k", help="needle: context lengths")
+    p.add_argument("--needle-depths", default="0,10,20,30,40,50,60,70,80,90,100", help="needle: depths (%%)")
+    p.add_argument("--needle-samples", type=int, default=2, help="needle: samples per cell")
     p.add_argument("--sample", type=int, default=0, help="needle-rank: which sample of the first phase")
     p.add_argument("--model", default=str(ROOT / "data/models/SmolLM2-135M-Instruct"))
     p.add_argument("--name", default=None, help="report file stem: quality_<name> (default: model's first word)")
@@ -545,7 +595,7 @@ def main(argv=None) -> int:
     p.add_argument("--shard", default=None, help="records/meta file suffix, so several runs can write in parallel")
     p.add_argument("--out-dir", default=str(ROOT / "benchmarks/results"))
     a = p.parse_args(argv)
-    return {"run": cmd_run, "report": cmd_report, "needle-rank": cmd_needle_rank}[a.cmd](a)
+    return {"run": cmd_run, "report": cmd_report, "needle": cmd_needle, "needle-rank": cmd_needle_rank}[a.cmd](a)
 
 
 if __name__ == "__main__":

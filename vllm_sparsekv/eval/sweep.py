@@ -546,7 +546,7 @@ def ruler_sweep(model, tokenizer, samples: Sequence, runs: Sequence[RunConfig], 
             gen = s.max_tokens if max_new_tokens is None else min(s.max_tokens, max_new_tokens)
             res = sweep_prompt(model, ids, runs, gen, eos, block_size, collect_iou, iou_probe=iou_probe)
             rec = {"id": s.id, "task": s.task, "target_length": s.target_length, "length": len(ids),
-                   "outputs": s.outputs, "runs": {}}
+                   "outputs": s.outputs, "meta": s.meta, "runs": {}}
             for label, r in res.items():
                 pred = tokenizer.decode(r["ids"], skip_special_tokens=True)
                 rec["runs"][label] = {"pred": pred, "score": score_prediction(pred, s.outputs),
