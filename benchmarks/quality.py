@@ -456,6 +456,25 @@ def markdown(rows, irows, meta, partial, block_size):
     return "\n".join(lines) + "\n"
 
 
+def needle_md(d, stem) -> str:
+    """The needle grid (``quality.py needle``): mean score per context and run, and the heatmaps."""
+    runs = d["runs"]
+    ctxs = sorted({c["context"] for v in runs.values() for c in v["cells"]})
+    depths = sorted({c["depth"] for v in runs.values() for c in v["cells"]})
+    n = max((c["n"] for v in runs.values() for c in v["cells"]), default=0)
+    lines = ["", f"## Needle grid ({len(ctxs)} contexts x {len(depths)} depths, {n} sample(s) per cell)", "",
+             f"`{d['command']}` at `{d['commit']}` on {d['device']}. Mean score (x 100) over the depths of "
+             "each context; heatmaps (depth x context) below.", "",
+             "| run | " + " | ".join(str(L) for L in ctxs) + " | all |", "|---|" + "---|" * (len(ctxs) + 1)]
+    for label, v in runs.items():
+        per = [[c["score"] for c in v["cells"] if c["context"] == L] for L in ctxs]
+        lines.append(f"| {label} | " + " | ".join(f"{100 * sum(x) / len(x):.0f}" if x else "" for x in per)
+                     + f" | {100 * v['mean']:.1f} |")
+    lines.append("")
+    lines += [f"![{label}]({stem}_needle_{label.replace('.', '_')}.png)" for label in runs]
+    return "\n".join(lines) + "\n"
+
+
 def needle_rank_md(d) -> str:
     methods = [k for k in next(iter(d["layers"].values())) if k not in ("needle_mass",)]
     lines = ["", f"## Where the needle is lost (diagnostic, sample {d['sample']}, {d['tokens']} tokens, "
@@ -547,6 +566,9 @@ def cmd_report(a) -> int:
     notes = Path(f"{base}_notes.md")  # hand-written findings, kept across re-runs of the report
     if notes.exists():
         md += "\n" + notes.read_text()
+    needle = Path(f"{base}_needle.json")
+    if needle.exists():
+        md += needle_md(json.loads(needle.read_text()), base.name)
     for nr in sorted(base.parent.glob(base.name + "_needle_rank_*.json")):
         md += needle_rank_md(json.loads(nr.read_text()))
     png = plot_iou(irows, str(base) + "_iou.png") if irows else None
