@@ -42,6 +42,25 @@ def test_resolve_methods_follows_the_registry():
     assert labels == ["dense", "hash-f0.125", "hash-b256"]
 
 
+def test_method_at_allocation_specs(tmp_path):
+    import json
+
+    prof = tmp_path / "heads.json"
+    prof.write_text(json.dumps({"num_layers": 3, "num_kv_heads": 1, "scores": {"infscore": [[1.0], [2.0], [3.0]],
+                                                                             "headkv": [[1.0], [2.0], [3.0]]}}))
+    runs = sweep.make_configs(["snapkv", "snapkv@headkv", "quest@pyramid"], [0.125], [64], include_dense=False,
+                              label_suffix="-t", head_budgets=str(prof), sink_tokens=16)
+    assert [r.label for r in runs] == ["snapkv-f0.125-t", "snapkv-b64-t", "snapkv@headkv-f0.125-t",
+                                       "snapkv@headkv-b64-t", "quest@pyramid-f0.125-t", "quest@pyramid-b64-t"]
+    assert runs[0].config.budget_allocation == "uniform" and runs[0].config.head_budgets is None
+    assert runs[2].config.budget_allocation == "headkv" and runs[2].config.head_budgets == str(prof)
+    assert runs[2].row_fields() == {"method": "snapkv", "budget_allocation": "headkv", "budget_fraction": 0.125}
+    assert runs[0].row_fields() == {"method": "snapkv", "budget_fraction": 0.125}
+    assert all(r.config.sink_tokens == 16 for r in runs)
+    with pytest.raises(ValueError, match="registered"):
+        sweep.make_configs(["nope@headkv"])
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_with_a_covering_budget_is_dense(tiny_model, method):
     cfg = _config(method, token_budget=4096, dense_layers=[])
