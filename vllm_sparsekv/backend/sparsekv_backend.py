@@ -94,6 +94,9 @@ class SparseKVMetadata:
     budget_pages: torch.Tensor  # [num_decodes, Hkv] int32
     max_pages: int  # static columns of the score tensor
     k_max: int  # static columns of the selection
+    # methods that select every page (`selects_all`): the page list, built once per step instead of
+    # scoring and selecting in every layer; [num_decodes, Hkv, max_pages] int32, -1 past the end
+    all_pages: torch.Tensor | None = None
     # prefill rows, for methods that score pages from prefill attention (host lists; eager only)
     prefill_query_start: list[int] | None = None  # [num_prefills + 1], offsets into the prefill tokens
     prefill_seq_lens: list[int] | None = None
@@ -148,11 +151,17 @@ class SparseKVMetadataBuilder(AttentionMetadataBuilder[SparseKVMetadata]):
         self.has_dense_layers = any(compat.layer_index(n) in dense for n in layer_names)
         self.has_sparse_layers = not all(compat.layer_index(n) in dense for n in layer_names)
         self.k_max = self.config.max_selected_pages(self.block_size, self.max_model_len)
-        self.needs_prefill_queries = get_method(self.config.method).needs_prefill_queries
+        method = get_method(self.config.method)
+        self.needs_prefill_queries = method.needs_prefill_queries
+        self.selects_all = method.selects_all
         max_seqs = vllm_config.scheduler_config.max_num_seqs
         self._seq_lens = torch.zeros(max_seqs, dtype=torch.int32, device=device)
         self._num_pages = torch.zeros(max_seqs, dtype=torch.int32, device=device)
         self._budget = torch.zeros(max_seqs, self.num_kv_heads, dtype=torch.int32, device=device)
+        if self.selects_all:  # one row of page ids per request, shared by the KV heads (stride 0)
+            cols = math.ceil(self.max_model_len / self.block_size)
+            self._page_cols = torch.arange(cols, dtype=torch.int32, device=device)
+            self._all_pages = torch.full((max_seqs, cols), -1, dtype=torch.int32, device=device)
         stats.start_reporter(self.config.log_interval_s, self.config.stats_file)
 
     def _split(self, cam: CommonAttentionMetadata) -> tuple[int, int, int]:
@@ -177,7 +186,7 @@ class SparseKVMetadataBuilder(AttentionMetadataBuilder[SparseKVMetadata]):
         num_pages = self._num_pages[:nd]
         torch.floor_divide(seq_lens + (bs - 1), bs, out=num_pages)
         budget = self._budget[:nd]
-        if cfg.method == "full":
+        if self.selects_all:
             budget.copy_(num_pages[:, None])
         elif cfg.token_budget is not None:
             budget.fill_(math.ceil(cfg.token_budget / bs))
@@ -191,6 +200,7 @@ class SparseKVMetadataBuilder(AttentionMetadataBuilder[SparseKVMetadata]):
         else:
             max_pages = max(1, math.ceil(cam.max_seq_len / bs))
             k_max = min(self.k_max, max_pages)
+        all_pages = self._fill_all_pages(num_pages, max_pages) if self.selects_all else None
         prefill_rows = {}
         if npf and self.needs_prefill_queries:
             qsl = cam.query_start_loc_cpu[nd:]
@@ -214,7 +224,17 @@ class SparseKVMetadataBuilder(AttentionMetadataBuilder[SparseKVMetadata]):
             budget_pages=budget,
             max_pages=max_pages,
             k_max=k_max,
+            all_pages=all_pages,
         )
+
+    def _fill_all_pages(self, num_pages: torch.Tensor, max_pages: int) -> torch.Tensor:
+        """Page ids 0..num_pages-1 per request (-1 after) in the persistent buffer, as a
+        [num_decodes, Hkv, max_pages] view."""
+        nd = num_pages.shape[0]
+        cols = self._page_cols[:max_pages]
+        rows = self._all_pages[:nd, :max_pages]
+        rows.copy_(torch.where(cols[None, :] < num_pages[:, None], cols[None, :], -1))
+        return rows[:, None, :].expand(nd, self.num_kv_heads, max_pages)
 
     def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata) -> SparseKVMetadata:
         md = self.build(0, common_attn_metadata)
@@ -223,6 +243,8 @@ class SparseKVMetadataBuilder(AttentionMetadataBuilder[SparseKVMetadata]):
         common_attn_metadata.seq_lens.fill_(1)
         md.decode_seq_lens.fill_(1)
         md.num_pages.fill_(1)
+        if md.all_pages is not None:
+            self._fill_all_pages(md.num_pages, md.max_pages)
         return md
 
 
@@ -329,16 +351,16 @@ class SparseKVImpl(AttentionImpl):
     def _sparse_decode(self, query, kv_cache, md: SparseKVMetadata, out) -> None:
         key_cache, value_cache = compat.split_kv_cache(kv_cache, self.head_size)
         seq_lens, block_table = md.decode_seq_lens, md.decode_block_table
-        if self.selector.selects_all:
-            pages = torch.arange(md.max_pages, device=query.device)
-            scores = torch.where(pages[None, None, :] < md.num_pages[:, None, None], 0.0, float("-inf"))
-            scores = scores.expand(query.shape[0], self.num_kv_heads, md.max_pages)
-            k_max = md.max_pages
-        else:
-            scores = self.selector.score_pages(query, key_cache, block_table, seq_lens, md.max_pages)
-            k_max = md.k_max
+        held = md.num_pages.sum() * self.num_kv_heads
+        if md.all_pages is not None:  # `selects_all`: the builder's page list, no scoring or top-k
+            kernels.sparse_paged_decode(query, key_cache, value_cache, block_table, seq_lens, md.all_pages,
+                                        self.scale, out=out)
+            stats.record(held, held, (md.num_pages > 0).sum())
+            return
+        scores = self.selector.score_pages(query, key_cache, block_table, seq_lens, md.max_pages)
+        k_max = md.k_max
         budget = md.budget_pages
-        if self.budget_weights is not None and not self.selector.selects_all:
+        if self.budget_weights is not None:
             budget = torch.round(budget * self.budget_weights).to(torch.int32)
             # widen k for layers whose heads get more than the uniform budget; never narrow it
             # (k is the cap of the selection, and a CPU batch's k is already clamped to its pages)
@@ -349,4 +371,4 @@ class SparseKVImpl(AttentionImpl):
             self.config.sink_pages(bs), self.config.recent_pages(bs), k_max,
         )
         kernels.sparse_paged_decode(query, key_cache, value_cache, block_table, seq_lens, page_idx, self.scale, out=out)
-        stats.record(num_selected.sum(), md.num_pages.sum() * self.num_kv_heads, (md.num_pages > 0).sum())
+        stats.record(num_selected.sum(), held, (md.num_pages > 0).sum())

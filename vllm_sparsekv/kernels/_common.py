@@ -28,6 +28,13 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     return all(t.is_cuda for t in tensors)
 
 
+def flat_slots(slot_mapping: torch.Tensor) -> torch.Tensor:
+    """Slot mapping as the flat int64 vector the write-time kernels index with (vLLM passes int64,
+    tests and the sweep sometimes int32 or 2-D)."""
+    slots = slot_mapping.reshape(-1)
+    return slots if slots.dtype == torch.int64 else slots.long()
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 

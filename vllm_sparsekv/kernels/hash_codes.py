@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import HAS_TRITON, next_pow2, pack_bits
+from ._common import HAS_TRITON, flat_slots, next_pow2, pack_bits
 
 
 def _project(x: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
@@ -20,7 +20,7 @@ def hash_codes_update_ref(key: torch.Tensor, slot_mapping: torch.Tensor, project
     key [T, Hkv, D] (rows past len(slot_mapping) ignored), projection [Hkv, D, bits] float32,
     codes [B, bs, Hkv, bits // 32] int32 (in place; returned)."""
     bs = codes.shape[1]
-    slots = slot_mapping.reshape(-1).long()
+    slots = flat_slots(slot_mapping)
     T = slots.numel()
     valid = slots >= 0
     packed = pack_bits(_project(key[:T], projection) > 0)  # [T, Hkv, W]
@@ -88,9 +88,7 @@ def _block_m(m: int) -> int:
 
 def hash_codes_update_triton(key, slot_mapping, projection, codes):
     B, bs, Hkv, W = codes.shape
-    slots = slot_mapping.reshape(-1)
-    if slots.dtype != torch.int64:
-        slots = slots.long()
+    slots = flat_slots(slot_mapping)
     T = slots.numel()
     if T == 0:
         return codes

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import HAS_TRITON, next_pow2
+from ._common import HAS_TRITON, flat_slots, next_pow2
 
 
 def page_bounds_update_ref(key_cache: torch.Tensor, slot_mapping: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
@@ -14,7 +14,7 @@ def page_bounds_update_ref(key_cache: torch.Tensor, slot_mapping: torch.Tensor, 
     bounds [B, Hkv, 2, D] updated in place (and returned). The reference selects the written blocks
     with a boolean mask and torch.unique (a host sync on CUDA; the Triton kernel has none)."""
     bs = key_cache.shape[1]
-    slots = slot_mapping.reshape(-1).long()
+    slots = flat_slots(slot_mapping)
     slots = slots[slots >= 0]
     if slots.numel() == 0:
         return bounds
@@ -78,9 +78,7 @@ if HAS_TRITON:
 
 def page_bounds_update_triton(key_cache: torch.Tensor, slot_mapping: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
     B, bs, Hkv, D = key_cache.shape
-    slots = slot_mapping.reshape(-1)
-    if slots.dtype != torch.int64:
-        slots = slots.long()
+    slots = flat_slots(slot_mapping)
     T = slots.numel()
     if T == 0:
         return bounds
