@@ -45,6 +45,16 @@ class PageSelector:
     """True for methods that attend to every page (no scoring, no side state)."""
     needs_prefill_queries: bool = False
     """True for methods that score pages from prefill attention (`observe_prefill` is called)."""
+    evicts: bool = False
+    """True for eviction methods: a page's score never rises after it is written (fixed at
+    prefill, or by position). With a fixed `token_budget`, a page left out at one decode step is
+    then never selected again for that request (`final_eviction`)."""
+
+    @classmethod
+    def final_eviction(cls, config) -> bool:
+        """Whether pages this method leaves out are gone for good (see `evicted_pages`). Fraction
+        budgets grow with the context, so a left-out page may come back; token budgets do not."""
+        return cls.evicts and config.token_budget is not None and config.budget_fraction is None
 
     def __init__(self, config, geometry: LayerGeometry):
         self.config = config
@@ -74,3 +84,16 @@ class PageSelector:
     ) -> torch.Tensor:
         """[N, Hq, D] decode queries -> [N, Hkv, max_pages] float32 scores, -inf past the end."""
         raise NotImplementedError
+
+
+def evicted_pages(page_idx: torch.Tensor, num_pages: torch.Tensor, max_pages: int) -> torch.Tensor:
+    """[N, Hkv, max_pages] bool: the written pages a decode step's selection (`page_idx`
+    [N, Hkv, K], -1 padded) left out. For a method with `final_eviction`, these are the pages a
+    free/offload step may take for that (layer, KV head); a vLLM block holds every layer and head,
+    so it is free once all of them have left it out. This is the hook the passive store will call."""
+    n, h, _ = page_idx.shape
+    chosen = torch.zeros(n, h, max_pages + 1, dtype=torch.bool, device=page_idx.device)
+    idx = torch.where(page_idx >= 0, page_idx.long(), max_pages)
+    chosen.scatter_(2, idx, True)
+    written = torch.arange(max_pages, device=page_idx.device)[None, :] < num_pages.to(page_idx.device)[:, None]
+    return written[:, None, :] & ~chosen[..., :max_pages]

@@ -57,6 +57,7 @@ class PrefillScoredSelector(PageSelector):
     replace earlier ones (SnapKV: the last observation window decides) or add up (H2O)."""
 
     needs_prefill_queries = True
+    evicts = True
     accumulate = False
     fresh_block_score = float("inf")  # a block not yet scored by a prefill (decode pages) is kept
     page_scores: torch.Tensor | None = None

@@ -2,7 +2,8 @@
 tokens. Pages are scored by position, so the shared top-k keeps the latest pages within the budget;
 the first `sink_tokens` (the sinks) are forced by the selection like for every method. No side
 state, nothing to update at KV writes: the window moves with the sequence, and pages that left it
-are simply not read (evicting them is the passive store's job once it exists)."""
+are simply not read; with a token budget they never come back (`final_eviction`), so freeing
+them is the passive store's job once it exists (`base.evicted_pages` names them)."""
 
 from __future__ import annotations
 
@@ -21,5 +22,6 @@ def position_scores(seq_lens: torch.Tensor, block_size: int, num_kv_heads: int, 
 
 @register("streaming")
 class StreamingSelector(PageSelector):
+    evicts = True
     def score_pages(self, query, key_cache, block_table, seq_lens, max_pages):
         return position_scores(seq_lens, self.geometry.block_size, self.geometry.num_kv_heads, max_pages)
