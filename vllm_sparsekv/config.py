@@ -53,6 +53,10 @@ class SparseKVConfig(BaseModel):
     """infscore/headkv: each head keeps 1 - 1/beta of the uniform budget; the rest is shared by score."""
     budget_temp: float = 1.0
     """infscore/headkv: head scores are raised to this power before sharing (sharper when > 1)."""
+    quest_group_reduce: Literal["sum", "max"] = "sum"
+    """`quest`: combine the GQA group's per-query-head bounds by `sum` (Quest's score, one fused
+    read of the bounds) or `max` (a page one query head needs wins even if the others do not;
+    torch path, no Triton kernel yet)."""
     hash_checkpoint: str | None = None
     """Trained hash checkpoint (`sparsekv train-hash`) for the trained-hash method."""
     observation_window: int = 32

@@ -9,6 +9,7 @@ from vllm_sparsekv.kernels import (
     hash_codes_update_ref, hash_page_scores_ref, hash_query_ref, page_bounds_update_ref,
     quest_page_scores_ref, select_pages_ref, sparse_paged_decode_ref,
 )
+from vllm_sparsekv.kernels.page_scores import quest_page_scores_group_max
 from vllm_sparsekv.kernels.testing import (
     all_pages, brute_bounds, brute_decode, brute_hash, brute_hash_scores, brute_quest, brute_select,
     make_paged, rel_err,
@@ -100,6 +101,10 @@ def test_quest_scores(G, D, bs):
     P = bt.shape[1] + 2
     out = quest_page_scores_ref(q, bounds, bt, sl, P, bs)
     exp = brute_quest(q, bounds, bt, sl, P, bs)
+    assert out.dtype == torch.float32 and out.shape == (len(lens), Hkv, P)
+    torch.testing.assert_close(out.double(), exp, rtol=1e-5, atol=1e-4)
+    out = quest_page_scores_group_max(q, bounds, bt, sl, P, bs)
+    exp = brute_quest(q, bounds, bt, sl, P, bs, group_reduce="max")
     assert out.dtype == torch.float32 and out.shape == (len(lens), Hkv, P)
     torch.testing.assert_close(out.double(), exp, rtol=1e-5, atol=1e-4)
 

@@ -22,6 +22,22 @@ def _page_blocks(block_table: torch.Tensor, max_pages: int) -> torch.Tensor:
     return bt
 
 
+def quest_page_scores_group_max(q: torch.Tensor, bounds: torch.Tensor, block_table: torch.Tensor,
+                                seq_lens: torch.Tensor, max_pages: int, block_size: int) -> torch.Tensor:
+    """[N, Hkv, max_pages] float32: max_{h in group} sum_d max(q[h,d]*min[d], q[h,d]*max[d]).
+
+    The per-head bounds cannot be folded into one group vector, so this reads each summary once
+    per group but does G dot products; torch ops on any device (no Triton kernel yet)."""
+    N, Hq, D = q.shape
+    Hkv = bounds.shape[1]
+    qf = q.float().reshape(N, Hkv, Hq // Hkv, D)
+    b = bounds[_page_blocks(block_table, max_pages)].float()  # [N, P, Hkv, 2, D]
+    sc = (torch.einsum("nhgd,nphd->nhgp", qf.clamp(min=0), b[:, :, :, 1])
+          + torch.einsum("nhgd,nphd->nhgp", qf.clamp(max=0), b[:, :, :, 0])).amax(2)
+    p = torch.arange(max_pages, device=q.device)
+    return sc.masked_fill(p[None, None, :] >= _num_pages(seq_lens, block_size)[:, None, None], float("-inf"))
+
+
 def quest_page_scores_ref(q: torch.Tensor, bounds: torch.Tensor, block_table: torch.Tensor,
                           seq_lens: torch.Tensor, max_pages: int, block_size: int) -> torch.Tensor:
     """[N, Hkv, max_pages] float32: sum_{h in group} sum_d max(q[h,d]*min[d], q[h,d]*max[d]).

@@ -82,7 +82,7 @@ def brute_hash(x, projection, G=1):
     return codes, margin
 
 
-def brute_quest(q, bounds, block_table, seq_lens, max_pages, bs):
+def brute_quest(q, bounds, block_table, seq_lens, max_pages, bs, group_reduce="sum"):
     q64, b64 = q.detach().cpu().double(), bounds.detach().cpu().double()
     bt, sl = block_table.cpu().tolist(), seq_lens.cpu().tolist()
     N, Hq, D = q64.shape
@@ -93,11 +93,9 @@ def brute_quest(q, bounds, block_table, seq_lens, max_pages, bs):
         for p in range(min(max_pages, math.ceil(sl[n] / bs))):
             blk = bt[n][p]
             for h in range(Hkv):
-                tot = 0.0
-                for g in range(G):
-                    qq = q64[n, h * G + g]
-                    tot += torch.maximum(qq * b64[blk, h, 0], qq * b64[blk, h, 1]).sum().item()
-                out[n, h, p] = tot
+                per_head = [torch.maximum(q64[n, h * G + g] * b64[blk, h, 0], q64[n, h * G + g] * b64[blk, h, 1]).sum().item()
+                            for g in range(G)]
+                out[n, h, p] = sum(per_head) if group_reduce == "sum" else max(per_head)
     return out
 
 

@@ -1,11 +1,13 @@
 """Quest (Tang et al., 2024): per-page element-wise key min/max; a page's score is the upper bound
-sum_d max(q_d * min_d, q_d * max_d) on any of its keys' logits, summed over the GQA group."""
+sum_d max(q_d * min_d, q_d * max_d) on any of its keys' logits, summed over the GQA group (or its
+max over the group's query heads: `quest_group_reduce="max"`)."""
 
 from __future__ import annotations
 
 import torch
 
 from vllm_sparsekv import kernels
+from vllm_sparsekv.kernels.page_scores import quest_page_scores_group_max
 from vllm_sparsekv.methods.base import PageSelector, register
 
 
@@ -31,4 +33,7 @@ class QuestSelector(PageSelector):
         kernels.page_bounds_update(key_cache, slot_mapping, self.bounds)
 
     def score_pages(self, query, key_cache, block_table, seq_lens, max_pages):
+        if self.config.quest_group_reduce == "max":
+            return quest_page_scores_group_max(query, self.bounds, block_table, seq_lens, max_pages,
+                                               self.geometry.block_size)
         return kernels.quest_page_scores(query, self.bounds, block_table, seq_lens, max_pages, self.geometry.block_size)
