@@ -50,6 +50,7 @@ def main(argv=None) -> int:
     from vllm_sparsekv.eval import sweep
     from vllm_sparsekv.eval.metrics import mean_ci95
     from vllm_sparsekv.eval.ruler import RulerGenerator
+    from vllm_sparsekv.eval.tokenization import chat_template_tokens
 
     runs = [sweep.RunConfig("dense")]
     for b in [int(x) for x in a.token_budgets.split(",") if x]:
@@ -64,8 +65,7 @@ def main(argv=None) -> int:
     weights = {r.label: budgets.layer_head_weights(r.config, nl, hkv) for r in runs[1:]}
     tmpl = 0
     if a.chat and getattr(tok, "chat_template", None):
-        tmpl = len(tok.encode(tok.apply_chat_template([{"role": "user", "content": ""}], tokenize=False,
-                                                      add_generation_prompt=True), add_special_tokens=False))
+        tmpl = chat_template_tokens(tok)
     g = RulerGenerator(tok, None, a.seed, tmpl)
     samples = [s for t in a.tasks.split(",") for s in g.generate(t, a.length, a.num_samples)]
     t0 = time.time()

@@ -36,6 +36,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from vllm_sparsekv.eval.tokenization import chat_template_tokens, parse_length  # noqa: E402
+
 DEFAULT_PHASES = "4096:niah_single_1,niah_single_2:30;2048:niah_single_1,niah_single_2:30;8192:niah_single_2:10"
 TARGETS = {0.125: 98.0, 0.0625: 95.0}  # quest at 1/8 >= 98% of dense, at 1/16 >= 95% (4K and 8K)
 TARGET_CONTEXTS = (4096, 8192)
@@ -47,7 +49,7 @@ def parse_phases(text: str) -> list[tuple[int, list[str], int]]:
         if not part.strip():
             continue
         L, tasks, n = part.split(":")
-        L = int(float(L[:-1]) * 1024) if L.lower().endswith("k") else int(L)
+        L = parse_length(L)
         out.append((L, [t for t in tasks.split(",") if t], int(n)))
     return out
 
@@ -123,14 +125,12 @@ def cmd_run(a) -> int:
     base.parent.mkdir(parents=True, exist_ok=True)
     shard = Path(f"{base}.{a.shard}" if a.shard else str(base))
     model, tok = sweep.load_model(a.model, device=a.device)
-    tmpl = len(tok.encode(tok.apply_chat_template([{"role": "user", "content": ""}], tokenize=False,
-                                                  add_generation_prompt=True), add_special_tokens=False))
+    tmpl = chat_template_tokens(tok)
     samples = plan(a, tok, tmpl)[a.skip:]
+    cfg = SparseKVConfig(**_common(a))
     probe = None
     if a.iou_methods:
-        probe = sweep.IouProbe(sweep.resolve_methods(a.iou_methods), a.iou_fractions, a.iou_steps,
-                               SparseKVConfig(**_common(a)))
-    cfg = SparseKVConfig(**_common(a))
+        probe = sweep.IouProbe(sweep.resolve_methods(a.iou_methods), a.iou_fractions, a.iou_steps, cfg)
     meta = {"command": " ".join([sys.executable, *sys.argv]), "commit": commit(), "started": time.time(),
             "device": _device_name(a.device), "phases": a.phases, "block_size": a.block_size,
             "max_new_tokens": a.max_new_tokens, "sink_tokens": cfg.sink_tokens,
@@ -157,9 +157,8 @@ def cmd_needle(a) -> int:
     base = Path(str(out_base(a)) + "_needle")
     base.parent.mkdir(parents=True, exist_ok=True)
     model, tok = sweep.load_model(a.model, device=a.device)
-    tmpl = len(tok.encode(tok.apply_chat_template([{"role": "user", "content": ""}], tokenize=False,
-                                                  add_generation_prompt=True), add_special_tokens=False))
-    lengths = [int(float(x[:-1]) * 1024) if x.lower().endswith("k") else int(x) for x in a.needle_lengths.split(",")]
+    tmpl = chat_template_tokens(tok)
+    lengths = [parse_length(x) for x in a.needle_lengths.split(",")]
     depths = [float(x) for x in a.needle_depths.split(",")]
     samples = niah.grid_samples(tok, lengths, depths, a.needle_samples, haystack_path=a.haystack, seed=a.seed,
                                 model_template_tokens=tmpl, tokens_to_generate=a.max_new_tokens)
@@ -205,8 +204,7 @@ def cmd_needle_rank(a) -> int:
 
     torch.set_num_threads(a.threads)
     model, tok = sweep.load_model(a.model)
-    tmpl = len(tok.encode(tok.apply_chat_template([{"role": "user", "content": ""}], tokenize=False,
-                                                  add_generation_prompt=True), add_special_tokens=False))
+    tmpl = chat_template_tokens(tok)
     L = parse_phases(a.phases)[0][0]
     s = RulerGenerator(tok, a.haystack, a.seed, tmpl).generate("niah_single_2", L, a.sample + 1)[a.sample]
     text = tok.apply_chat_template([{"role": "user", "content": s.input}], tokenize=False,

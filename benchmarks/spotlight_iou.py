@@ -136,6 +136,17 @@ def middle_page_iou(model, prompts, cfg, sparse_layers, block_size: int, queries
     return out
 
 
+def iou_table(rows: list[dict]) -> list[str]:
+    """Markdown lines: one row per budget, IoU then recall of each of METHODS."""
+    lines = ["| budget | " + " | ".join(METHODS) + " | recall " + " | recall ".join(METHODS) + " |",
+             "|---|" + "---|" * (2 * len(METHODS))]
+    for f in FRACTIONS:
+        by = {r["method"]: r for r in rows if r["fraction"] == f}
+        lines.append(f"| {f:.0%} | " + " | ".join(f"{by[m]['iou']:.3f}" for m in METHODS) + " | "
+                     + " | ".join(f"{by[m]['recall']:.3f}" for m in METHODS) + " |")
+    return lines
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
@@ -227,23 +238,13 @@ def main(argv=None) -> int:
           f"{sparse_layers[0]}..{sparse_layers[-1]}, {ckpt['hash_bits']}-bit codes, pages of {a.block_size} tokens. "
           "No forced sink/recent pages on either side.", "",
           f"## Page IoU (decode queries, {a.steps} steps per prompt; budget = fraction of the context's pages)", "",
-          "| budget | " + " | ".join(METHODS) + " | recall " + " | recall ".join(METHODS) + " |",
-          "|---|" + "---|" * (2 * len(METHODS))]
-    for f in FRACTIONS:
-        rows = {r["method"]: r for r in page_rows if r["fraction"] == f}
-        md.append(f"| {f:.0%} | " + " | ".join(f"{rows[m]['iou']:.3f}" for m in METHODS) + " | "
-                  + " | ".join(f"{rows[m]['recall']:.3f}" for m in METHODS) + " |")
+          *iou_table(page_rows)]
     orc = ", ".join(f"{r['oracle_recall']:.3f}" for r in page_rows if r["method"] == "hash")
     md += ["", f"recall = share of the exact attention mass inside the selected pages (oracle: {orc}).", "",
            "## Page IoU over the pages the scores choose (sink and recent page left out of both sides)", "",
            f"{a.middle_queries} query positions per prompt in its second half, k = ceil(f x candidate pages); "
            "recall = share of the candidate pages' attention mass inside the selection.", "",
-           "| budget | " + " | ".join(METHODS) + " | recall " + " | recall ".join(METHODS) + " |",
-           "|---|" + "---|" * (2 * len(METHODS))]
-    for f in FRACTIONS:
-        rows = {r["method"]: r for r in mid_rows if r["fraction"] == f}
-        md.append(f"| {f:.0%} | " + " | ".join(f"{rows[m]['iou']:.3f}" for m in METHODS) + " | "
-                  + " | ".join(f"{rows[m]['recall']:.3f}" for m in METHODS) + " |")
+           *iou_table(mid_rows)]
     md += ["", "With hash_page_reduce=\"sum\" (page score = sum of its tokens' Hamming similarities): "
            + "; ".join(f"{f:.0%}: " + ", ".join(f"{r['method']} {r['iou']:.3f}" for r in mid_rows
                                                    if r["fraction"] == f and r["method"] in SUM_VARIANTS)

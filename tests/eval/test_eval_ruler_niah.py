@@ -8,7 +8,7 @@ import pytest
 from conftest import needs_essays
 
 from vllm_sparsekv.eval import niah, ruler
-from vllm_sparsekv.eval.tokenization import as_tokenizer
+from vllm_sparsekv.eval.tokenization import as_tokenizer, chat_template_tokens, parse_length
 
 pytestmark = needs_essays
 SLACK = 64  # haystack granularity: one needle of the needle haystack is <= ~55 tokens here
@@ -130,3 +130,20 @@ def test_niah_grid_and_heatmap(hf_tokenizer, tmp_path):
     png = niah.plot_heatmap(rows, str(tmp_path / "grid.png"), title="test")
     data = open(png, "rb").read()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
+
+
+def test_parse_length():
+    assert [parse_length(x) for x in ("4k", "4K", " 1.5k", "3000")] == [4096, 4096, 1536, 3000]
+    with pytest.raises(ValueError):
+        parse_length("four")
+
+
+def test_chat_template_tokens_is_the_template_around_an_empty_turn(smollm2_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_path)
+    wrapped = tok.apply_chat_template([{"role": "user", "content": "hello there"}], tokenize=False,
+                                      add_generation_prompt=True)
+    body = len(tok.encode("hello there", add_special_tokens=False))
+    n = chat_template_tokens(tok)
+    assert n > 0 and n == len(tok.encode(wrapped, add_special_tokens=False)) - body

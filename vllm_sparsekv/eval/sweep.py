@@ -600,9 +600,10 @@ def rows_from_records(records: Sequence[dict], runs: Sequence[RunConfig], model_
 
 def main(argv=None) -> int:
     from .ruler import TASKS, RulerGenerator
+    from .tokenization import chat_template_tokens, parse_length
 
     def csv_ints(x):
-        return [int(float(v[:-1]) * 1024) if v.lower().endswith("k") else int(v) for v in x.split(",") if v]
+        return [parse_length(v) for v in x.split(",") if v]
 
     def csv_floats(x):
         return [float(v) for v in x.split(",") if v]
@@ -640,8 +641,7 @@ def main(argv=None) -> int:
     model, tok = load_model(a.model)
     tmpl = 0
     if a.chat and getattr(tok, "chat_template", None):
-        tmpl = len(tok.encode(tok.apply_chat_template([{"role": "user", "content": ""}], tokenize=False,
-                                                      add_generation_prompt=True), add_special_tokens=False))
+        tmpl = chat_template_tokens(tok)
     g = RulerGenerator(tok, a.haystack, a.seed, tmpl)
     samples = [s for L in a.lengths for t in (a.tasks or TASKS) for s in g.generate(t, L, a.num_samples)]
     probe = None

@@ -70,3 +70,16 @@ def as_tokenizer(tok: Any) -> TokenizerLike:
 
 def count_tokens(tok: TokenizerLike, text: str) -> int:
     return len(tok.encode(text))
+
+
+def chat_template_tokens(tok: Any) -> int:
+    """Tokens the chat template wraps around an empty user turn (a HF tokenizer): what a prompt
+    generator reserves so that template + prompt fit the requested length."""
+    text = tok.apply_chat_template([{"role": "user", "content": ""}], tokenize=False, add_generation_prompt=True)
+    return len(tok.encode(text, add_special_tokens=False))
+
+
+def parse_length(text: str) -> int:
+    """A token length from the command line: '4k' (case-insensitive) -> 4096, '3000' -> 3000."""
+    text = text.strip()
+    return int(float(text[:-1]) * 1024) if text.lower().endswith("k") else int(text)
