@@ -525,13 +525,19 @@ def plot_iou(irows, path):
     return path
 
 
+def _stem_files(base: Path, suffix: str) -> list[Path]:
+    """BASE.SUFFIX and the shards' BASE.<shard>.SUFFIX; not the files of other stems that merely
+    start with BASE's name (quality_smollm2_methods.* is not part of quality_smollm2)."""
+    return sorted({*base.parent.glob(f"{base.name}.{suffix}"), *base.parent.glob(f"{base.name}.*.{suffix}")})
+
+
 def cmd_report(a) -> int:
     from vllm_sparsekv.eval.client import load_results
 
     base = out_base(a)
     recs = []
     seen = set()
-    for f in sorted(base.parent.glob(base.name + "*.records.jsonl")):  # one file per shard
+    for f in _stem_files(base, "records.jsonl"):  # one file per shard
         for r in load_results(f).values():
             if r["id"] not in seen:  # shards may overlap
                 seen.add(r["id"])
@@ -539,7 +545,7 @@ def cmd_report(a) -> int:
     if not recs:
         print("no records yet")
         return 1
-    metas = [json.loads(f.read_text()) for f in sorted(base.parent.glob(base.name + "*.meta.json"))]
+    metas = [json.loads(f.read_text()) for f in _stem_files(base, "meta.json")]
     meta = dict(metas[0]) if metas else {}
     if len(metas) > 1:
         meta["command"] = " ; ".join(m["command"] for m in metas)

@@ -52,3 +52,13 @@ def test_rows_keep_allocations_apart(tmp_path):
     md = q.markdown(rows, [], {"settings": {"sink_tokens": 64, "recent_tokens": 64, "dense_layers": [0, 1]}},
                     False, 16)
     assert "| snapkv@headkv | 1/8 |" in md and "| snapkv | 1/8 |" in md
+
+
+def test_report_reads_its_own_stem_only(tmp_path):
+    q = _quality()
+    base = tmp_path / "quality_m"
+    for name in ("quality_m.records.jsonl", "quality_m.a.records.jsonl", "quality_m.b2.records.jsonl",
+                 "quality_m_methods.a.records.jsonl", "quality_m_2pct.records.jsonl", "quality_mx.records.jsonl"):
+        (tmp_path / name).write_text("")
+    got = [p.name for p in q._stem_files(base, "records.jsonl")]
+    assert got == ["quality_m.a.records.jsonl", "quality_m.b2.records.jsonl", "quality_m.records.jsonl"]
