@@ -1,9 +1,11 @@
 """Sparsity counters: pages attended vs pages held at decode, per worker process.
 
-The backend adds to device tensors (no host sync on the hot path); a daemon thread reads them,
-logs a line per interval and keeps the optional stats file current.
-Read them in-process with `snapshot()`, from an `LLM` with `collect(llm)` (a collective RPC to
-every worker), or from a server through the `stats_file` config option.
+The metadata builder counts each step once, on the host, from the sequence lengths vLLM already
+has there and the selection's own rule (no device op, no sync, nothing inside CUDA graphs). A
+daemon thread logs a line per interval and keeps the optional stats file current; it never touches
+the GPU and survives errors (it logs them and goes on).
+Read the counters in-process with `snapshot()`, from an `LLM` with `collect(llm)` (a collective RPC
+to every worker), or from a server through the `stats_file` config option.
 """
 
 from __future__ import annotations
@@ -14,46 +16,33 @@ import os
 import threading
 import time
 
-import torch
-
 logger = logging.getLogger("vllm.sparsekv")  # under vLLM's logger, so its handlers print it
 
-_counters: dict[torch.device, torch.Tensor] = {}
-# index: 0 pages attended by sparse layers, 1 pages held by them, 2 decode (request, layer) rows
 _FIELDS = ("attended_pages", "held_pages", "decode_rows")
+_totals = [0, 0, 0]  # attended pages, held pages, decode (request, layer) rows of sparse layers
+_lock = threading.Lock()
 
 
-def _counter(device: torch.device) -> torch.Tensor:
-    c = _counters.get(device)
-    if c is None:
-        c = _counters[device] = torch.zeros(len(_FIELDS), dtype=torch.int64, device=device)
-    return c
-
-
-def record(attended: torch.Tensor, held: torch.Tensor, rows: torch.Tensor) -> None:
-    """Add one layer's decode step: 0-d int tensors on the compute device (graph-safe in-place adds;
-    padded rows of a captured batch hold no pages and count nowhere)."""
-    c = _counter(attended.device)
-    c[0] += attended
-    c[1] += held
-    c[2] += rows
+def add(attended: int, held: int, rows: int) -> None:
+    """Add one decode step of the sparse layers (host ints)."""
+    with _lock:
+        _totals[0] += attended
+        _totals[1] += held
+        _totals[2] += rows
 
 
 def snapshot() -> dict:
-    """Totals since the process started (or since `reset()`), summed over devices."""
-    totals = [0] * len(_FIELDS)
-    for c in _counters.values():
-        for i, v in enumerate(c.tolist()):
-            totals[i] += v
-    out = dict(zip(_FIELDS, totals))
+    """Totals since the process started (or since `reset()`)."""
+    with _lock:
+        out = dict(zip(_FIELDS, _totals))
     out["attended_fraction"] = out["attended_pages"] / out["held_pages"] if out["held_pages"] else None
     out["pid"] = os.getpid()
     return out
 
 
 def reset() -> None:
-    for c in _counters.values():
-        c.zero_()
+    with _lock:
+        _totals[:] = [0] * len(_FIELDS)
 
 
 def _worker_snapshot(worker) -> dict:  # runs inside each worker via collective_rpc
@@ -61,8 +50,12 @@ def _worker_snapshot(worker) -> dict:  # runs inside each worker via collective_
 
 
 def collect(llm) -> list[dict]:
-    """Counters of every worker of an offline `vllm.LLM`."""
-    return llm.collective_rpc(_worker_snapshot)
+    """Counters of every worker of an offline `vllm.LLM`. The function goes as cloudpickle bytes,
+    which vLLM's RPC carries and its workers load (a plain function is refused by vLLM 0.33's
+    msgpack RPC unless VLLM_ALLOW_INSECURE_SERIALIZATION is set)."""
+    import cloudpickle
+
+    return llm.collective_rpc(cloudpickle.dumps(_worker_snapshot))
 
 
 def _write(stats_file: str, snap: dict) -> None:
@@ -95,19 +88,23 @@ def start_reporter(interval_s: float, stats_file: str | None) -> None:
         return
 
     def run() -> None:
-        last_log, logged, written = time.monotonic(), None, None
+        last_log, logged, written, failing = time.monotonic(), None, None, False
         while True:
             time.sleep(min(1.0, interval_s) if interval_s > 0 else 1.0)
-            if not _counters:
-                continue
-            snap = snapshot()
-            now = time.monotonic()
-            if interval_s > 0 and now - last_log >= interval_s:
-                _log_interval(logged, snap, now - last_log)
-                last_log, logged = now, snap
-            if stats_file and snap != written:
-                _write(stats_file, snap)
-                written = snap
+            try:
+                snap = snapshot()
+                now = time.monotonic()
+                if interval_s > 0 and now - last_log >= interval_s:
+                    _log_interval(logged, snap, now - last_log)
+                    last_log, logged = now, snap
+                if stats_file and snap != written:
+                    _write(stats_file, snap)
+                    written, failing = snap, False
+            except Exception as e:  # a full disk or a removed directory must not end the counters
+                if not failing:
+                    logger.warning("sparsekv: could not write stats_file %s: %s (retrying every second)",
+                                   stats_file, e)
+                failing = True
 
     _reporter = threading.Thread(target=run, name="sparsekv-stats", daemon=True)
     _reporter.start()

@@ -4,25 +4,36 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 RUNNER = os.path.join(os.path.dirname(__file__), "runner.py")
 
 
 def run_engine(spec: dict, timeout: int = 900) -> dict:
-    proc = subprocess.run([sys.executable, RUNNER, json.dumps(spec)], capture_output=True, text=True, timeout=timeout)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:  # long prompts overflow argv
+        json.dump(spec, f)
+    try:
+        proc = subprocess.run([sys.executable, RUNNER, "@" + f.name], capture_output=True, text=True, timeout=timeout)
+    finally:
+        os.unlink(f.name)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise AssertionError(f"engine run failed (rc={proc.returncode}) for {spec.get('backend')}:\n{proc.stderr[-4000:]}")
     return json.loads(lines[-1][len("RESULT "):])
 
 
-NEAR_TIE = 1e-2  # top-2 logprob gap under which a flipped greedy token is a tie, not an error
-LOGPROB_TOL = 1e-3
+# top-2 logprob gap under which a flipped greedy token is a tie, not an error, and the logprob
+# agreement before it: float32 on CPU; float16 on CUDA (FA3 dense vs our Triton decode sum in other
+# orders, and fp16 keeps 11 bits)
+ON_CUDA = os.environ.get("SPARSEKV_TEST_DEVICE") == "cuda"
+NEAR_TIE = 5e-2 if ON_CUDA else 1e-2
+LOGPROB_TOL = 2e-2 if ON_CUDA else 1e-3
 
 
 def assert_same_greedy(ref: dict, got: dict, what: str) -> None:
     """Token for token; where a genuine near-tie flips a token, everything before it must agree in
-    logprob within 1e-3 and the flip must happen where the reference's top two are within 1e-2."""
+    logprob within LOGPROB_TOL and the flip must happen where the reference's top two are within
+    NEAR_TIE."""
     for i, (r, g) in enumerate(zip(ref["results"], got["results"])):
         a, b = r["token_ids"], g["token_ids"]
         n = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), None)

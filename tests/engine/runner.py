@@ -4,6 +4,8 @@ The engine tests start one subprocess per configuration (stock CPU attention, sp
 quest...), so each engine is isolated and the comparisons are made on identical prompts.
 Usage: python runner.py SPEC_JSON  (spec: model, backend, sparsekv, prompts, max_tokens,
 prefix_caching, mode = "batch" | "sequential", max_model_len, env)
+On CUDA (SPARSEKV_TEST_DEVICE=cuda, as benchmarks/gpu_e2e.py runs these tests on the GPU machine)
+the engine runs in float16 with CUDA graphs (FULL decode graphs), as users run it.
 """
 
 import json
@@ -17,12 +19,20 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
 def main() -> None:
-    spec = json.loads(sys.argv[1])
+    arg = sys.argv[1]
+    if arg.startswith("@"):
+        with open(arg[1:]) as f:
+            arg = f.read()
+    spec = json.loads(arg)
     os.environ.update(spec.get("env", {}))
     from vllm import LLM, SamplingParams
 
+    cuda = os.environ.get("SPARSEKV_TEST_DEVICE") == "cuda"
     kw = dict(
-        dtype="float32", enforce_eager=True, gpu_memory_utilization=0.5, distributed_executor_backend="uni",
+        dtype="float16" if cuda else "float32", enforce_eager=not cuda, gpu_memory_utilization=0.5,
+        distributed_executor_backend="uni",
+        # CUDA: FULL graphs for decode, torch.compile off (starts in seconds; the decode path is what is tested)
+        **({"compilation_config": {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}} if cuda else {}),
         max_model_len=spec.get("max_model_len", 4096), enable_prefix_caching=spec.get("prefix_caching", False),
         seed=0,
     )

@@ -94,11 +94,12 @@ def test_page_bounds(bs, dtype):
     B = kc.shape[0]
     bounds = torch.randn(B, Hkv, 2, D, generator=g).to(dtype).to(DEV)
     slots = [int(bt[0, p]) * bs + o for p in range(3) for o in range(bs) if p * bs + o < 2 * bs + 7]
-    slots += [-1, int(bt[1, 1]) * bs + 3, -1, int(bt[2, 0]) * bs + bs - 2, int(bt[1, 0]) * bs + 2]
+    # padding (-1) and slots past the cache (B * bs + ...: stale ids) are skipped, not written
+    slots += [-1, int(bt[1, 1]) * bs + 3, -1, B * bs + 7, int(bt[2, 0]) * bs + bs - 2, int(bt[1, 0]) * bs + 2]
     sm = torch.tensor(slots, dtype=torch.int64, device=DEV)
     ref = page_bounds.page_bounds_update_ref(kc, sm, bounds.clone())
     out = bounds.clone()
-    written = torch.unique(sm[sm >= 0] // bs)
+    written = torch.unique(sm[(sm >= 0) & (sm < B * bs)] // bs)
     out[written] = float("nan")  # poison exactly the blocks that must be rewritten
     page_bounds.page_bounds_update_triton(kc, sm, out)
     assert torch.equal(out.cpu(), ref.cpu())
@@ -126,11 +127,12 @@ def test_hash_codes(bits, D, dtype):
     key = torch.randn(T, Hkv, D, generator=g).to(dtype).to(DEV)
     slots = torch.randperm(B * bs, generator=g)[:T]
     slots[[3, 11]] = -1
+    slots[7] = B * bs + 2  # past the cache: skipped like padding
     slots = slots.to(DEV)
     codes0 = torch.randint(-2**31, 2**31 - 1, (B, bs, Hkv, bits // 32), generator=g, dtype=torch.int32).to(DEV)
     ref = hash_codes.hash_codes_update_ref(key, slots, proj, codes0.clone())
     out = codes0.clone()
-    v = slots >= 0
+    v = (slots >= 0) & (slots < B * bs)
     out.view(B * bs, Hkv, -1)[slots[v]] = 0x5EAD5EAD
     hash_codes.hash_codes_update_triton(key, slots, proj, out)
     sure = _margin(key, proj, 1).abs().reshape(T, -1) > 1e-3

