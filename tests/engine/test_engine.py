@@ -4,7 +4,7 @@ vLLM's stock CPU attention on the same prompts, greedy."""
 import pytest
 
 from tests.engine.harness import assert_same_greedy, run_engine
-from vllm_sparsekv.eval.passkey import SHORT, passkey_prompt
+from sparsekv_eval.passkey import SHORT, passkey_prompt
 
 pytestmark = pytest.mark.engine
 

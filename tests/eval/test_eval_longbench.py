@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from vllm_sparsekv.eval import longbench as LB
-from vllm_sparsekv.eval.tokenization import as_tokenizer
+from sparsekv_eval import longbench as LB
+from sparsekv_eval.tokenization import as_tokenizer
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "longbench"
 

@@ -22,6 +22,7 @@ a local folder).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -31,6 +32,30 @@ from pathlib import Path
 from typing import Any
 
 SUITES = ("ruler", "niah", "longbench", "ppl", "fidelity")
+
+# The harness lives in the separate top-level package ``sparsekv_eval`` (eval/ in the repository);
+# it and its dependencies come with the ``eval`` extra. These are the import names behind it.
+EVAL_INSTALL = "pip install 'vllm-sparsekv[eval]'"
+EVAL_MODULES = frozenset({"sparsekv_eval", "aiohttp", "tqdm", "matplotlib", "transformers", "tokenizers",
+                          "jieba", "datasets"})
+
+
+def with_eval_hint(func):
+    """Run a subcommand; a missing evaluation module becomes one line naming the extra to install."""
+
+    @functools.wraps(func)
+    def run(args):
+        try:
+            return func(args)
+        except ModuleNotFoundError as e:
+            root = (e.name or "").split(".")[0]
+            if root not in EVAL_MODULES:
+                raise
+            cmd = " ".join(x for x in ("sparsekv", getattr(args, "command", None), getattr(args, "suite", None)) if x)
+            raise SystemExit(f"{cmd}: the Python module {root!r} is missing; it comes with the evaluation "
+                             f"extra: {EVAL_INSTALL} (from a source checkout: pip install -e '.[eval]')") from e
+
+    return run
 
 
 def _csv_ints(s: str) -> list[int]:
@@ -144,7 +169,7 @@ def _label(args) -> str:
 
 
 def _client_cfg(args):
-    from vllm_sparsekv.eval.client import ClientConfig
+    from sparsekv_eval.client import ClientConfig
 
     return ClientConfig(base_url=args.base_url, model=args.model, mode=args.mode, api_key=args.api_key,
                         concurrency=args.concurrency, max_retries=args.max_retries,
@@ -210,8 +235,8 @@ def _print_rows(rows: list[dict], keys=("task", "context", "score", "ci95", "n")
 
 
 def cmd_ruler(args) -> int:
-    from vllm_sparsekv.eval import client as C
-    from vllm_sparsekv.eval import ruler
+    from sparsekv_eval import client as C
+    from sparsekv_eval import ruler
 
     tok = _load_tokenizer(args)
     out = Path(args.out)
@@ -234,8 +259,8 @@ def cmd_ruler(args) -> int:
 
 
 def cmd_niah(args) -> int:
-    from vllm_sparsekv.eval import client as C
-    from vllm_sparsekv.eval import niah
+    from sparsekv_eval import client as C
+    from sparsekv_eval import niah
 
     tok = _load_tokenizer(args)
     out = Path(args.out)
@@ -258,9 +283,9 @@ def cmd_niah(args) -> int:
 
 
 def cmd_longbench(args) -> int:
-    from vllm_sparsekv.eval import client as C
-    from vllm_sparsekv.eval import longbench as LB
-    from vllm_sparsekv.eval.metrics import mean_ci95
+    from sparsekv_eval import client as C
+    from sparsekv_eval import longbench as LB
+    from sparsekv_eval.metrics import mean_ci95
 
     tok = _load_tokenizer(args)
     out = Path(args.out)
@@ -294,9 +319,9 @@ def cmd_longbench(args) -> int:
 def cmd_ppl(args) -> int:
     import asyncio
 
-    from vllm_sparsekv.eval import haystack as hs
-    from vllm_sparsekv.eval import ppl
-    from vllm_sparsekv.eval.client import OpenAIClient
+    from sparsekv_eval import haystack as hs
+    from sparsekv_eval import ppl
+    from sparsekv_eval.client import OpenAIClient
 
     if args.corpus == "essays":
         text = hs.essay_text(args.haystack)
@@ -327,8 +352,8 @@ def cmd_ppl(args) -> int:
 
 
 def cmd_fidelity(args) -> int:
-    from vllm_sparsekv.eval.client import load_results
-    from vllm_sparsekv.eval.metrics import fidelity
+    from sparsekv_eval.client import load_results
+    from sparsekv_eval.metrics import fidelity
 
     dense = {k: v for k, v in load_results(args.dense).items() if "error" not in v}
     rows = []
@@ -352,7 +377,7 @@ def cmd_fidelity(args) -> int:
 
 
 def run_eval(args) -> int:
-    return args.func(args)
+    return with_eval_hint(args.func)(args)
 
 
 def main(argv: list[str] | None = None) -> int:
