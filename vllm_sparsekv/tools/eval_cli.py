@@ -11,7 +11,7 @@ Examples::
     sparsekv eval ruler --base-url http://localhost:8000 --model ./SmolLM2-135M-Instruct \\
         --lengths 2048,4096 --num-samples 30 --mode chat --method quest --budget-fraction 0.125
     sparsekv eval niah --base-url ... --model ... --lengths 1024,2048,4096 --depths 0,25,50,75,100
-    sparsekv eval longbench --base-url ... --model ... --data ~/LongBench/data.zip --max-length 7500
+    sparsekv eval longbench --base-url ... --model ... --data THUDM/LongBench --max-length 7500
     sparsekv eval ppl --base-url ... --model ... --corpus essays --window 2048 --stride 1024
     sparsekv eval fidelity --dense out/ruler-dense.jsonl --sparse out/ruler-quest.jsonl
 
@@ -127,10 +127,16 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--heatmap", default=None, help="PNG path (default: OUT/niah-LABEL.png)")
     p.set_defaults(func=cmd_niah)
 
-    p = sub.add_parser("longbench", help="LongBench v1 from a local data.zip / JSONL folder")
+    p = sub.add_parser("longbench", help="LongBench v1: hub dataset (datasets cache), data.zip, JSONL or parquet")
     _add_endpoint_args(p)
-    p.add_argument("--data", required=True, help="LongBench data.zip or the folder of its JSONL files")
-    p.add_argument("--datasets", type=_csv, default=None, help="default: all present in --data")
+    p.add_argument("--data", default="THUDM/LongBench",
+                   help="hub name (loaded with datasets: its cache first; HF_DATASETS_OFFLINE=1: only the "
+                        "cache), LongBench's data.zip, the folder of its JSONL files, or a folder of parquet "
+                        "files (default: %(default)s)")
+    p.add_argument("--loader", choices=("auto", "json", "datasets"), default="auto",
+                   help="auto: plain json for data.zip / JSONL, datasets for hub names and parquet")
+    p.add_argument("--datasets", type=_csv, default=None,
+                   help="default: all present in --data (hub name: all; offline: the cached ones)")
     p.add_argument("--max-length", type=int, required=True,
                    help="prompt tokens before middle truncation (official: model context minus ~500)")
     p.add_argument("--e", action="store_true", help="LongBench-E (length buckets)")
@@ -294,7 +300,10 @@ def cmd_longbench(args) -> int:
     datasets = args.datasets or LB.available_datasets(args.data, args.e)
     if not datasets:
         raise SystemExit(f"no LongBench datasets found in {args.data}")
-    samples = LB.build_samples(args.data, datasets, tok, args.max_length, args.e, args.limit)
+    try:
+        samples = LB.build_samples(args.data, datasets, tok, args.max_length, args.e, args.limit, args.loader)
+    except LB.LongBenchNotFound as err:
+        raise SystemExit(f"sparsekv eval longbench: {err}") from err
     recs = C.run_sync(_client_cfg(args), samples, out / f"longbench-{label}.jsonl",
                       resume=not args.no_resume, progress=not args.no_progress,
                       desc=f"longbench {label}", tokenizer=tok)
