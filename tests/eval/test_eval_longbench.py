@@ -229,3 +229,28 @@ def test_cli_longbench_defaults_to_the_hub_name():
     a = cli.build_parser().parse_args(["eval", "longbench", "--base-url", "http://x", "--model", "m",
                                        "--max-length", "100"])
     assert a.data == "THUDM/LongBench" and a.loader == "auto"
+
+
+def test_script_dataset_falls_back_to_the_repos_data_zip(data_zip, monkeypatch):
+    """datasets >= 4 refuses THUDM/LongBench's loading script; the repo's data.zip is read instead,
+    and when that cannot be had either the error says so (online wording, no offline variables)."""
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    calls = []
+
+    class FakeDatasets:
+        @staticmethod
+        def load_dataset(path, name=None, split=None, cache_dir=None):
+            calls.append((path, name, split))
+            raise RuntimeError("Dataset scripts are no longer supported, but found LongBench.py")
+
+    monkeypatch.setattr(LB, "_datasets", lambda: FakeDatasets)
+    monkeypatch.setattr(LB, "_hub_data_zip", lambda repo, offline: (data_zip, "") if not offline else (None, "x"))
+    assert LB.load_dataset("THUDM/LongBench", "trec") == _plain("trec")
+    assert calls == [("THUDM/LongBench", "trec", "test")]
+    monkeypatch.setattr(LB, "_hub_data_zip", lambda repo, offline: (None, "ConnectError: no route"))
+    with pytest.raises(LB.LongBenchNotFound) as e:
+        LB.load_dataset("THUDM/LongBench", "trec", e=False)
+    msg = str(e.value)
+    assert "neither could be downloaded" in msg and "OFFLINE" not in msg
+    assert "Dataset scripts are no longer supported" in msg and "ConnectError: no route" in msg
