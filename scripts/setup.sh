@@ -91,7 +91,7 @@ fi
 # ---- this package (editable; metadata changes need a reinstall for the entry points) -------------
 PKG_KEY="$(stamp_of "$DEPS_KEY" "$(cat "$REPO/pyproject.toml" "$REPO/setup.py" 2>/dev/null)" "$REPO")"
 PKG_STAMP="$VENV/.sparsekv-pkg.$PKG_KEY"
-if [[ -f "$PKG_STAMP" ]] && "$VPY" -c 'import vllm_sparsekv' >/dev/null 2>&1; then
+if [[ -f "$PKG_STAMP" ]] && "$VPY" -c 'import vllm_sparsekv, sparsekv_eval' >/dev/null 2>&1; then
   log "vllm_sparsekv already installed (editable)"
 else
   log "installing vllm_sparsekv and sparsekv_eval (editable, with the eval extra; no dependency changes)"
