@@ -47,10 +47,10 @@ def main(argv=None) -> int:
 
     from vllm_sparsekv import budgets
     from vllm_sparsekv.config import SparseKVConfig
-    from vllm_sparsekv.eval import sweep
-    from vllm_sparsekv.eval.metrics import mean_ci95
-    from vllm_sparsekv.eval.ruler import RulerGenerator
-    from vllm_sparsekv.eval.tokenization import chat_template_tokens
+    from sparsekv_eval import sweep
+    from sparsekv_eval.metrics import mean_ci95
+    from sparsekv_eval.ruler import RulerGenerator
+    from sparsekv_eval.tokenization import chat_template_tokens
 
     runs = [sweep.RunConfig("dense")]
     for b in [int(x) for x in a.token_budgets.split(",") if x]:

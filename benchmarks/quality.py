@@ -1,6 +1,6 @@
 """Quality report: sparse decode (quest, hash, ...) vs dense on the RULER-style suite, offline.
 
-Runs the offline sweep driver (``vllm_sparsekv.eval.sweep``: HF transformers + an attention hook
+Runs the offline sweep driver (``sparsekv_eval.sweep``: HF transformers + an attention hook
 that calls the backend's own selectors, ``select_pages`` and ``sparse_paged_decode``) with one dense
 prefill per prompt shared by every method and budget, and writes
 
@@ -34,9 +34,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "eval")]  # vllm_sparsekv, sparsekv_eval from this checkout
 
-from vllm_sparsekv.eval.tokenization import chat_template_tokens, parse_length  # noqa: E402
+from sparsekv_eval.tokenization import chat_template_tokens, parse_length  # noqa: E402
 
 DEFAULT_PHASES = "4096:niah_single_1,niah_single_2:30;2048:niah_single_1,niah_single_2:30;8192:niah_single_2:10"
 TARGETS = {0.125: 98.0, 0.0625: 95.0}  # quest at 1/8 >= 98% of dense, at 1/16 >= 95% (4K and 8K)
@@ -87,7 +87,7 @@ def _common(a) -> dict:
 
 
 def _runs(a):
-    from vllm_sparsekv.eval import sweep
+    from sparsekv_eval import sweep
 
     return sweep.make_configs(a.methods, a.budget_fractions, a.token_budgets, **_common(a))
 
@@ -103,7 +103,7 @@ def _device_name(device: str) -> str:
 
 
 def plan(a, tok, tmpl):
-    from vllm_sparsekv.eval.ruler import RulerGenerator
+    from sparsekv_eval.ruler import RulerGenerator
 
     g = RulerGenerator(tok, a.haystack, a.seed, tmpl)
     samples = []
@@ -118,7 +118,7 @@ def cmd_run(a) -> int:
     import torch
 
     from vllm_sparsekv.config import SparseKVConfig
-    from vllm_sparsekv.eval import sweep
+    from sparsekv_eval import sweep
 
     torch.set_num_threads(a.threads)
     base = out_base(a)
@@ -149,7 +149,7 @@ def cmd_run(a) -> int:
 def cmd_needle(a) -> int:
     """Needle grid (context x depth, eval/niah.py) through the sweep: one heatmap PNG per run
     (dense and each method/budget), rows in quality_<name>_needle.json, records resumable."""
-    from vllm_sparsekv.eval import niah, sweep
+    from sparsekv_eval import niah, sweep
 
     import torch
 
@@ -169,7 +169,7 @@ def cmd_needle(a) -> int:
 
 
 def needle_report(a, recs, runs, base) -> int:
-    from vllm_sparsekv.eval import niah
+    from sparsekv_eval import niah
 
     doc = {"model": model_name(a.model), "command": " ".join([sys.executable, *sys.argv]), "commit": commit(),
            "device": _device_name(a.device), "block_size": a.block_size, "runs": {}}
@@ -196,9 +196,9 @@ def cmd_needle_rank(a) -> int:
     import torch
 
     from vllm_sparsekv.config import SparseKVConfig
-    from vllm_sparsekv.eval import iou as I
-    from vllm_sparsekv.eval import sweep
-    from vllm_sparsekv.eval.ruler import RulerGenerator
+    from sparsekv_eval import iou as I
+    from sparsekv_eval import sweep
+    from sparsekv_eval.ruler import RulerGenerator
     from vllm_sparsekv.methods import get_method
     from vllm_sparsekv.methods.base import LayerGeometry
 
@@ -278,7 +278,7 @@ def _label_value(r):
 
 
 def build_rows(records, runs, name, planned):
-    from vllm_sparsekv.eval.metrics import mean_ci95, wilson_interval
+    from sparsekv_eval.metrics import mean_ci95, wilson_interval
 
     groups = {}
     for r in records:
@@ -532,7 +532,7 @@ def _stem_files(base: Path, suffix: str) -> list[Path]:
 
 
 def cmd_report(a) -> int:
-    from vllm_sparsekv.eval.client import load_results
+    from sparsekv_eval.client import load_results
 
     base = out_base(a)
     recs = []
@@ -569,7 +569,7 @@ def cmd_report(a) -> int:
                         "recent_tokens": meta.get("recent_tokens", 64),
                         "dense_layers": meta.get("dense_layers", [0, 1]),
                         "chat_template": True, "greedy": True, "max_new_tokens": meta.get("max_new_tokens"),
-                        "phases": meta.get("phases", a.phases), "driver": "vllm_sparsekv.eval.sweep (HF + backend selectors/kernels)"},
+                        "phases": meta.get("phases", a.phases), "driver": "sparsekv_eval.sweep (HF + backend selectors/kernels)"},
            "samples": len(recs), "rows": rows, "iou_rows": irows}
     Path(str(base) + ".json").write_text(json.dumps(doc, indent=1) + "\n")
     md = markdown(rows, irows, doc, partial, bs)

@@ -32,17 +32,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(_ROOT), str(_ROOT / "eval")]  # vllm_sparsekv, sparsekv_eval from this checkout
 
-from vllm_sparsekv.eval import haystack as hs  # noqa: E402
-from vllm_sparsekv.eval.client import ClientConfig, OpenAIClient, loud_warning  # noqa: E402
+from sparsekv_eval import haystack as hs  # noqa: E402
+from sparsekv_eval.client import ClientConfig, OpenAIClient, loud_warning  # noqa: E402
 
 
 def build_prompts(n: int, prompt_tokens: int, tokenizer: Any = None, seed: int = 0,
                   haystack_path: str | None = None) -> list[str]:
     """n distinct prompts of about ``prompt_tokens`` tokens (exact to a word with a tokenizer;
     at 0.75 words per token without one)."""
-    from vllm_sparsekv.eval.tokenization import as_tokenizer
+    from sparsekv_eval.tokenization import as_tokenizer
 
     words = hs.essay_words(haystack_path)
     tok = as_tokenizer(tokenizer) if tokenizer is not None else None
@@ -194,7 +195,7 @@ def parse_args(argv=None):
     p.add_argument("--prompt-tokens", type=int, default=2048)
     p.add_argument("--output-tokens", type=int, default=64)
     p.add_argument("--tokenizer", default=None, help="local tokenizer for exact prompt lengths")
-    p.add_argument("--haystack", default=None, help="essays location (see vllm_sparsekv.eval.haystack)")
+    p.add_argument("--haystack", default=None, help="essays location (see sparsekv_eval.haystack)")
     p.add_argument("--mode", choices=("completion", "chat"), default="completion")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--stats-url", default=None,

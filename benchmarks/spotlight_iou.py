@@ -32,7 +32,7 @@ SUM_VARIANTS = ("hash-sum", "spotlight-sum")  # hash_page_reduce="sum" (middle-p
 
 
 def heldout_windows(tok, names: list[str], length: int, n: int) -> list[list[int]]:
-    from vllm_sparsekv.eval.haystack import find_essays
+    from sparsekv_eval.haystack import find_essays
     from vllm_sparsekv.models import ensure_essays
 
     try:
@@ -63,7 +63,7 @@ def middle_page_iou(model, prompts, cfg, sparse_layers, block_size: int, queries
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from vllm_sparsekv.eval import iou as I
+    from sparsekv_eval import iou as I
     from vllm_sparsekv.methods import get_method
     from vllm_sparsekv.methods.base import LayerGeometry
 
@@ -163,7 +163,7 @@ def main(argv=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     from vllm_sparsekv.config import SparseKVConfig
-    from vllm_sparsekv.eval import sweep
+    from sparsekv_eval import sweep
     from vllm_sparsekv.methods.spotlight import load_checkpoint
     from vllm_sparsekv.tools import train_hash as T
 

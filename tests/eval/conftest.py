@@ -3,7 +3,7 @@
 
 import pytest
 
-from vllm_sparsekv.eval import haystack
+from sparsekv_eval import haystack
 
 
 def _has_essays() -> bool:

@@ -82,3 +82,27 @@ def test_ppl_cli(tok_dir, tmp_path):
                          "--out", str(tmp_path), "--label", "p"]) == 0
     (row,) = json.loads((tmp_path / "ppl-t.txt-p.scores.json").read_text())["rows"]
     assert row["tokens"] == 299 and row["score"] > 1.0
+
+
+def test_missing_eval_package_names_the_extra(monkeypatch, tmp_path):
+    """Without the eval package (or one of its dependencies) the CLI stops with the install line."""
+    import sys
+
+    for name in [m for m in sys.modules if m == "sparsekv_eval" or m.startswith("sparsekv_eval.")]:
+        monkeypatch.setitem(sys.modules, name, None)  # `import sparsekv_eval...` now fails
+    monkeypatch.setitem(sys.modules, "sparsekv_eval", None)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["eval", "fidelity", "--dense", str(tmp_path / "d.jsonl"), "--sparse", str(tmp_path / "s.jsonl")])
+    msg = str(e.value.code)
+    assert msg.startswith("sparsekv eval fidelity: the Python module 'sparsekv_eval' is missing")
+    assert "pip install 'vllm-sparsekv[eval]'" in msg
+
+
+def test_other_missing_modules_are_not_blamed_on_the_extra():
+    from vllm_sparsekv.tools.eval_cli import with_eval_hint
+
+    def cmd(args):
+        import no_such_module_for_sparsekv  # noqa: F401
+
+    with pytest.raises(ModuleNotFoundError, match="no_such_module_for_sparsekv"):
+        with_eval_hint(cmd)(None)

@@ -7,7 +7,7 @@ import json
 import pytest
 from fake_server import FakeServer
 
-from vllm_sparsekv.eval import client as C
+from sparsekv_eval import client as C
 
 
 def _samples(n):

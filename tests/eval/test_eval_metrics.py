@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from vllm_sparsekv.eval import metrics as M
+from sparsekv_eval import metrics as M
 
 
 def test_qa_f1_and_exact_match():

@@ -6,8 +6,8 @@ import pytest
 import torch
 from fake_server import FakeServer, fake_logprob
 
-from vllm_sparsekv.eval import iou as I
-from vllm_sparsekv.eval import ppl
+from sparsekv_eval import iou as I
+from sparsekv_eval import ppl
 
 
 def test_sliding_windows_score_every_token_once():

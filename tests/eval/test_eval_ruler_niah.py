@@ -7,8 +7,8 @@ from collections import Counter
 import pytest
 from conftest import needs_essays
 
-from vllm_sparsekv.eval import niah, ruler
-from vllm_sparsekv.eval.tokenization import as_tokenizer, chat_template_tokens, parse_length
+from sparsekv_eval import niah, ruler
+from sparsekv_eval.tokenization import as_tokenizer, chat_template_tokens, parse_length
 
 pytestmark = needs_essays
 SLACK = 64  # haystack granularity: one needle of the needle haystack is <= ~55 tokens here

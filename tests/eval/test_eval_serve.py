@@ -8,7 +8,7 @@ import pytest
 from conftest import needs_essays
 from fake_server import FakeServer
 
-from vllm_sparsekv.eval.tokenization import as_tokenizer
+from sparsekv_eval.tokenization import as_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 

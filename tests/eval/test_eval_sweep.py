@@ -8,7 +8,7 @@ import torch
 pytest.importorskip("transformers")
 
 from vllm_sparsekv.config import SparseKVConfig  # noqa: E402
-from vllm_sparsekv.eval import sweep  # noqa: E402
+from sparsekv_eval import sweep  # noqa: E402
 
 
 def _prompt(n=300):

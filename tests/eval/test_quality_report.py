@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from vllm_sparsekv.eval import sweep  # noqa: E402
+from sparsekv_eval import sweep  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -11,7 +11,7 @@ accepted only at a genuine near-tie of the engine's top two logprobs (as tests/e
 import pytest
 
 from tests.engine.harness import NEAR_TIE, run_engine
-from vllm_sparsekv.eval.passkey import passkey_prompt
+from sparsekv_eval.passkey import passkey_prompt
 
 pytestmark = pytest.mark.engine
 
@@ -23,7 +23,7 @@ TINY = {"token_budget": 256, "sink_tokens": 0, "recent_tokens": 0}  # the curren
 
 @pytest.fixture(scope="module")
 def hf(smollm2_path):
-    from vllm_sparsekv.eval import sweep
+    from sparsekv_eval import sweep
 
     return sweep.load_model(smollm2_path)
 
@@ -44,7 +44,7 @@ def _first_mismatch(a, b):
 @pytest.mark.parametrize("method", ["quest", "hash"])
 def test_sweep_tokens_equal_engine_tokens(smollm2_path, hf, prompts, method):
     from vllm_sparsekv.config import SparseKVConfig
-    from vllm_sparsekv.eval import sweep
+    from sparsekv_eval import sweep
 
     cfg = {"method": method, **TINY}
     eng = run_engine({"model": smollm2_path, "backend": "sparsekv", "sparsekv": cfg, "prompts": prompts,

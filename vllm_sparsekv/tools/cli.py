@@ -21,7 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args._argv = list(sys.argv[1:] if argv is None else argv)  # recorded in result files
-    return int(args.func(args) or 0)
+    from vllm_sparsekv.tools.eval_cli import with_eval_hint
+
+    return int(with_eval_hint(args.func)(args) or 0)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     from openai import OpenAI
     from transformers import AutoTokenizer
 
-    from vllm_sparsekv.eval.passkey import passkey_prompt
+    from sparsekv_eval.passkey import passkey_prompt
     from vllm_sparsekv.models import ensure_model
     from vllm_sparsekv.tools import launch
 

@@ -11,7 +11,7 @@ Examples::
     sparsekv eval ruler --base-url http://localhost:8000 --model ./SmolLM2-135M-Instruct \\
         --lengths 2048,4096 --num-samples 30 --mode chat --method quest --budget-fraction 0.125
     sparsekv eval niah --base-url ... --model ... --lengths 1024,2048,4096 --depths 0,25,50,75,100
-    sparsekv eval longbench --base-url ... --model ... --data ~/LongBench/data.zip --max-length 7500
+    sparsekv eval longbench --base-url ... --model ... --data THUDM/LongBench --max-length 7500
     sparsekv eval ppl --base-url ... --model ... --corpus essays --window 2048 --stride 1024
     sparsekv eval fidelity --dense out/ruler-dense.jsonl --sparse out/ruler-quest.jsonl
 
@@ -22,6 +22,7 @@ a local folder).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -31,6 +32,30 @@ from pathlib import Path
 from typing import Any
 
 SUITES = ("ruler", "niah", "longbench", "ppl", "fidelity")
+
+# The harness lives in the separate top-level package ``sparsekv_eval`` (eval/ in the repository);
+# it and its dependencies come with the ``eval`` extra. These are the import names behind it.
+EVAL_INSTALL = "pip install 'vllm-sparsekv[eval]'"
+EVAL_MODULES = frozenset({"sparsekv_eval", "aiohttp", "tqdm", "matplotlib", "transformers", "tokenizers",
+                          "jieba", "datasets"})
+
+
+def with_eval_hint(func):
+    """Run a subcommand; a missing evaluation module becomes one line naming the extra to install."""
+
+    @functools.wraps(func)
+    def run(args):
+        try:
+            return func(args)
+        except ModuleNotFoundError as e:
+            root = (e.name or "").split(".")[0]
+            if root not in EVAL_MODULES:
+                raise
+            cmd = " ".join(x for x in ("sparsekv", getattr(args, "command", None), getattr(args, "suite", None)) if x)
+            raise SystemExit(f"{cmd}: the Python module {root!r} is missing; it comes with the evaluation "
+                             f"extra: {EVAL_INSTALL} (from a source checkout: pip install -e '.[eval]')") from e
+
+    return run
 
 
 def _csv_ints(s: str) -> list[int]:
@@ -102,10 +127,16 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--heatmap", default=None, help="PNG path (default: OUT/niah-LABEL.png)")
     p.set_defaults(func=cmd_niah)
 
-    p = sub.add_parser("longbench", help="LongBench v1 from a local data.zip / JSONL folder")
+    p = sub.add_parser("longbench", help="LongBench v1: hub dataset (datasets cache), data.zip, JSONL or parquet")
     _add_endpoint_args(p)
-    p.add_argument("--data", required=True, help="LongBench data.zip or the folder of its JSONL files")
-    p.add_argument("--datasets", type=_csv, default=None, help="default: all present in --data")
+    p.add_argument("--data", default="THUDM/LongBench",
+                   help="hub name (loaded with datasets: its cache first; HF_DATASETS_OFFLINE=1: only the "
+                        "cache), LongBench's data.zip, the folder of its JSONL files, or a folder of parquet "
+                        "files (default: %(default)s)")
+    p.add_argument("--loader", choices=("auto", "json", "datasets"), default="auto",
+                   help="auto: plain json for data.zip / JSONL, datasets for hub names and parquet")
+    p.add_argument("--datasets", type=_csv, default=None,
+                   help="default: all present in --data (hub name: all; offline: the cached ones)")
     p.add_argument("--max-length", type=int, required=True,
                    help="prompt tokens before middle truncation (official: model context minus ~500)")
     p.add_argument("--e", action="store_true", help="LongBench-E (length buckets)")
@@ -144,7 +175,7 @@ def _label(args) -> str:
 
 
 def _client_cfg(args):
-    from vllm_sparsekv.eval.client import ClientConfig
+    from sparsekv_eval.client import ClientConfig
 
     return ClientConfig(base_url=args.base_url, model=args.model, mode=args.mode, api_key=args.api_key,
                         concurrency=args.concurrency, max_retries=args.max_retries,
@@ -210,8 +241,8 @@ def _print_rows(rows: list[dict], keys=("task", "context", "score", "ci95", "n")
 
 
 def cmd_ruler(args) -> int:
-    from vllm_sparsekv.eval import client as C
-    from vllm_sparsekv.eval import ruler
+    from sparsekv_eval import client as C
+    from sparsekv_eval import ruler
 
     tok = _load_tokenizer(args)
     out = Path(args.out)
@@ -234,8 +265,8 @@ def cmd_ruler(args) -> int:
 
 
 def cmd_niah(args) -> int:
-    from vllm_sparsekv.eval import client as C
-    from vllm_sparsekv.eval import niah
+    from sparsekv_eval import client as C
+    from sparsekv_eval import niah
 
     tok = _load_tokenizer(args)
     out = Path(args.out)
@@ -258,9 +289,9 @@ def cmd_niah(args) -> int:
 
 
 def cmd_longbench(args) -> int:
-    from vllm_sparsekv.eval import client as C
-    from vllm_sparsekv.eval import longbench as LB
-    from vllm_sparsekv.eval.metrics import mean_ci95
+    from sparsekv_eval import client as C
+    from sparsekv_eval import longbench as LB
+    from sparsekv_eval.metrics import mean_ci95
 
     tok = _load_tokenizer(args)
     out = Path(args.out)
@@ -269,7 +300,10 @@ def cmd_longbench(args) -> int:
     datasets = args.datasets or LB.available_datasets(args.data, args.e)
     if not datasets:
         raise SystemExit(f"no LongBench datasets found in {args.data}")
-    samples = LB.build_samples(args.data, datasets, tok, args.max_length, args.e, args.limit)
+    try:
+        samples = LB.build_samples(args.data, datasets, tok, args.max_length, args.e, args.limit, args.loader)
+    except LB.LongBenchNotFound as err:
+        raise SystemExit(f"sparsekv eval longbench: {err}") from err
     recs = C.run_sync(_client_cfg(args), samples, out / f"longbench-{label}.jsonl",
                       resume=not args.no_resume, progress=not args.no_progress,
                       desc=f"longbench {label}", tokenizer=tok)
@@ -294,9 +328,9 @@ def cmd_longbench(args) -> int:
 def cmd_ppl(args) -> int:
     import asyncio
 
-    from vllm_sparsekv.eval import haystack as hs
-    from vllm_sparsekv.eval import ppl
-    from vllm_sparsekv.eval.client import OpenAIClient
+    from sparsekv_eval import haystack as hs
+    from sparsekv_eval import ppl
+    from sparsekv_eval.client import OpenAIClient
 
     if args.corpus == "essays":
         text = hs.essay_text(args.haystack)
@@ -327,8 +361,8 @@ def cmd_ppl(args) -> int:
 
 
 def cmd_fidelity(args) -> int:
-    from vllm_sparsekv.eval.client import load_results
-    from vllm_sparsekv.eval.metrics import fidelity
+    from sparsekv_eval.client import load_results
+    from sparsekv_eval.metrics import fidelity
 
     dense = {k: v for k, v in load_results(args.dense).items() if "error" not in v}
     rows = []
@@ -352,7 +386,7 @@ def cmd_fidelity(args) -> int:
 
 
 def run_eval(args) -> int:
-    return args.func(args)
+    return with_eval_hint(args.func)(args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -165,7 +165,7 @@ def to_kv_heads(x: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
 
 
 def similarity(pred: str, ref: str, kind: str) -> float:
-    from vllm_sparsekv.eval.metrics import qa_f1_score, rouge_score
+    from sparsekv_eval.metrics import qa_f1_score, rouge_score
 
     if not pred.strip():
         return 0.0
@@ -173,7 +173,7 @@ def similarity(pred: str, ref: str, kind: str) -> float:
 
 
 def load_haystack_ids(tokenizer, haystack_dir: str | None, max_tokens: int) -> list[int]:
-    from vllm_sparsekv.eval.haystack import HaystackNotFound, find_essays
+    from sparsekv_eval.haystack import HaystackNotFound, find_essays
 
     try:
         docs = find_essays(haystack_dir)

@@ -76,7 +76,7 @@ def heldout_essay_names(names: list[str]) -> list[str]:
 def default_corpus() -> tuple[list[tuple[str, str]], list[str]]:
     """[(source name, text)] for training — essays minus the held-out ones, then stdlib code —
     and the held-out essay names."""
-    from vllm_sparsekv.eval.haystack import code_corpus, find_essays
+    from sparsekv_eval.haystack import code_corpus, find_essays
 
     try:
         essays = find_essays()

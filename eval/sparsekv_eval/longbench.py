@@ -1,11 +1,23 @@
 """LongBench (v1, THUDM/LongBench): official prompts, middle truncation, metrics, averaged table.
 
-Data: no hub access is assumed. Download ``data.zip`` from the dataset page
-(https://huggingface.co/datasets/THUDM/LongBench/resolve/main/data.zip) and point ``--data`` at it,
-or at the folder it unpacks to (``data/``, holding ``hotpotqa.jsonl``, ``hotpotqa_e.jsonl``, ...).
-Each line is one sample with the official fields ``input, context, answers, length, dataset,
-language, all_classes, _id``. (``datasets.load_dataset("json", data_files=...)`` reads the same
-files; plain ``json`` is used here so that no extra dependency is needed.)
+Data (``--data``), any of:
+
+- the hub name ``THUDM/LongBench`` (the default), loaded with ``datasets.load_dataset(name, config,
+  split="test")``: from the ``datasets`` cache when it holds the config (``HF_DATASETS_CACHE``;
+  with ``HF_DATASETS_OFFLINE=1`` only from there), else from the hub. THUDM/LongBench is a
+  loading-script dataset, which ``datasets`` >= 4 no longer runs; caches made by older versions
+  still load. When ``datasets`` cannot load it, the repository's official ``data.zip`` is taken from
+  the Hugging Face hub cache, or downloaded unless offline. A parquet copy on the hub whose
+  configs carry LongBench's names loads the same way (none was tried here).
+- the official ``data.zip`` (https://huggingface.co/datasets/THUDM/LongBench/resolve/main/data.zip)
+  or the folder it unpacks to (``data/hotpotqa.jsonl``, ``data/hotpotqa_e.jsonl``, ...): read with
+  plain ``json``, no dependency; ``loader="datasets"`` reads the same files through ``datasets``.
+- a folder of parquet files, one config each: ``hotpotqa.parquet``, ``hotpotqa/*.parquet`` or the
+  hub's parquet layouts (``hotpotqa/test-00000-of-00001.parquet``, ``hotpotqa/test/0000.parquet``),
+  read through ``datasets``.
+
+Each sample has the official fields ``input, context, answers, length, dataset, language,
+all_classes, _id``; every source gives the same dicts.
 
 Protocol, as the official ``pred.py`` / ``eval.py``:
 - prompt = ``DATASET2PROMPT[dataset].format(**sample)``;
@@ -96,43 +108,199 @@ CATEGORIES = {
 # ---------------------------------------------------------------------- data
 
 
+HUB_REPO = "THUDM/LongBench"
+DATA_ZIP_URL = f"https://huggingface.co/datasets/{HUB_REPO}/resolve/main/data.zip"
+_TRUE = {"1", "ON", "YES", "TRUE"}
+
+
+class LongBenchNotFound(FileNotFoundError):
+    """No source holds the requested LongBench config (message says where we looked)."""
+
+
+def _config(dataset: str, e: bool) -> str:
+    return f"{dataset}_e" if e else dataset
+
+
 def _file_name(dataset: str, e: bool) -> str:
-    return f"{dataset}_e.jsonl" if e else f"{dataset}.jsonl"
+    return f"{_config(dataset, e)}.jsonl"
 
 
-def load_dataset(data: str | os.PathLike, dataset: str, e: bool = False,
-                 limit: int | None = None) -> list[dict]:
-    """Samples of one dataset from ``data.zip`` or a folder of the official JSONL files."""
-    if dataset not in DATASET2PROMPT:
-        raise KeyError(f"unknown LongBench dataset {dataset!r}")
-    p = Path(data).expanduser()
-    name = _file_name(dataset, e)
+def hf_offline() -> bool:
+    """``HF_DATASETS_OFFLINE`` as ``datasets`` reads it (it falls back to ``HF_HUB_OFFLINE``)."""
+    v = os.environ.get("HF_DATASETS_OFFLINE")
+    if v is None:
+        v = os.environ.get("HF_HUB_OFFLINE", "")
+    return v.upper() in _TRUE
+
+
+def is_hub_name(data: str | os.PathLike) -> bool:
+    """``owner/name`` that is not an existing local path."""
+    s = str(data)
+    return (not Path(s).expanduser().exists() and s.count("/") == 1 and not s.startswith((".", "/", "~"))
+            and all(part and all(c.isalnum() or c in "-_." for c in part) for part in s.split("/")))
+
+
+def _datasets():
+    import datasets  # the eval extra; a ModuleNotFoundError names it (sparsekv eval turns it into a hint)
+
+    return datasets
+
+
+def _datasets_cache_dir() -> str | None:
+    # Passed explicitly so that the variable counts even when datasets was imported before it was set.
+    return os.environ.get("HF_DATASETS_CACHE") or None
+
+
+def _rows(ds, limit: int | None) -> list[dict]:
+    if limit:
+        ds = ds.select(range(min(limit, len(ds))))
+    return [dict(r) for r in ds]
+
+
+# -- official JSONL (data.zip or its folder), plain json
+
+
+def _jsonl_source(p: Path, name: str) -> tuple[Path, str | None] | None:
+    """(file, member) of ``name`` in a zip (member set) or a folder (member None); None if absent."""
     if p.is_file() and zipfile.is_zipfile(p):
         with zipfile.ZipFile(p) as z:
-            cands = [n for n in z.namelist() if n.rsplit("/", 1)[-1] == name]
-            if not cands:
-                raise FileNotFoundError(f"{name} not in {p}")
-            lines = io.TextIOWrapper(z.open(cands[0]), encoding="utf-8").read().splitlines()
+            cands = sorted(n for n in z.namelist() if n.rsplit("/", 1)[-1] == name)
+        return (p, cands[0]) if cands else None
+    f = next((c for c in (p / name, p / "data" / name) if c.is_file()), None)
+    return (f, None) if f else None
+
+
+def _read_jsonl(src: tuple[Path, str | None], limit: int | None) -> list[dict]:
+    f, member = src
+    if member is not None:
+        with zipfile.ZipFile(f) as z:
+            lines = io.TextIOWrapper(z.open(member), encoding="utf-8").read().splitlines()
     else:
-        cands = [p / name, p / "data" / name]
-        f = next((c for c in cands if c.exists()), None)
-        if f is None:
-            raise FileNotFoundError(
-                f"{name} not found under {p} (looked at {', '.join(map(str, cands))}); download "
-                "LongBench's data.zip and pass its path (or the folder it unpacks to)")
         lines = f.read_text(encoding="utf-8").splitlines()
     out = [json.loads(x) for x in lines if x.strip()]
     return out[:limit] if limit else out
 
 
-def available_datasets(data: str | os.PathLike, e: bool = False) -> list[str]:
+def _read_jsonl_datasets(src: tuple[Path, str | None], limit: int | None) -> list[dict]:
+    f, member = src
+    url = f"zip://{member}::{f.resolve()}" if member is not None else str(f.resolve())
+    ds = _datasets().load_dataset("json", data_files={"test": url}, split="test", cache_dir=_datasets_cache_dir())
+    return _rows(ds, limit)
+
+
+# -- parquet folder, through datasets
+
+
+def _parquet_files(p: Path, config: str) -> list[Path]:
+    if not p.is_dir():
+        return []
+    for cand in (p / f"{config}.parquet", p / "data" / f"{config}.parquet"):
+        if cand.is_file():
+            return [cand]
+    sub = p / config
+    return sorted(sub.rglob("*.parquet")) if sub.is_dir() else []
+
+
+def _read_parquet(files: list[Path], limit: int | None) -> list[dict]:
+    ds = _datasets().load_dataset("parquet", data_files={"test": [str(f.resolve()) for f in files]},
+                                  split="test", cache_dir=_datasets_cache_dir())
+    return _rows(ds, limit)
+
+
+# -- hub name: datasets cache / hub, then the repository's data.zip
+
+
+def _hub_data_zip(repo: str, offline: bool) -> tuple[Path | None, str]:
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(repo, "data.zip", repo_type="dataset", local_files_only=offline)), ""
+    except Exception as err:  # not cached / no network / no such file: reported by the caller
+        return None, f"{type(err).__name__}: {err}".splitlines()[0]
+
+
+def _load_hub(repo: str, config: str, limit: int | None) -> list[dict]:
+    offline = hf_offline()
+    try:
+        ds = _datasets().load_dataset(repo, config, split="test", cache_dir=_datasets_cache_dir())
+        return _rows(ds, limit)
+    except ModuleNotFoundError:
+        raise
+    except Exception as err:  # not cached while offline, a loading script (datasets >= 4), no network
+        ds_err = f"{type(err).__name__}: {err}".splitlines()[0]
+    zip_path, zip_err = _hub_data_zip(repo, offline)
+    if zip_path is not None:
+        src = _jsonl_source(zip_path, f"{config}.jsonl")
+        if src is not None:
+            return _read_jsonl(src, limit)
+        zip_err = f"{config}.jsonl is not in {zip_path}"
+    from datasets import config as dconfig
+
+    cache = _datasets_cache_dir() or dconfig.HF_DATASETS_CACHE
+    where = (f"{repo} config {config!r} is not in the datasets cache ({cache}) and {repo}'s data.zip is "
+             "not in the Hugging Face hub cache")
+    why = ("HF_DATASETS_OFFLINE / HF_HUB_OFFLINE forbid downloading them; run once online, or"
+           if offline else "and neither could be downloaded;")
+    raise LongBenchNotFound(
+        f"LongBench {config!r} not found: {where}, {why} download {DATA_ZIP_URL} and pass its path (or "
+        f"the folder it unpacks to, or a folder of parquet files) as --data. "
+        f"[datasets: {ds_err}] [data.zip: {zip_err}]")
+
+
+def load_dataset(data: str | os.PathLike = HUB_REPO, dataset: str = "hotpotqa", e: bool = False,
+                 limit: int | None = None, loader: str = "auto") -> list[dict]:
+    """Samples of one dataset (``e``: its LongBench-E config ``<dataset>_e``) as plain dicts.
+
+    ``data``: a hub name, ``data.zip``, its folder, or a folder of parquet files (module docstring).
+    ``loader``: ``auto`` (plain json for the official JSONL, ``datasets`` for hub names and parquet),
+    ``json`` (official JSONL only) or ``datasets`` (everything through ``datasets``)."""
+    if dataset not in DATASET2PROMPT:
+        raise KeyError(f"unknown LongBench dataset {dataset!r}")
+    if loader not in ("auto", "json", "datasets"):
+        raise ValueError(f"loader must be auto, json or datasets, got {loader!r}")
+    config = _config(dataset, e)
+    if is_hub_name(data):
+        if loader == "json":
+            raise ValueError(f"{data!r} is a hub name; loader='json' reads only local files")
+        return _load_hub(str(data), config, limit)
     p = Path(data).expanduser()
-    if p.is_file() and zipfile.is_zipfile(p):
-        with zipfile.ZipFile(p) as z:
-            names = {n.rsplit("/", 1)[-1] for n in z.namelist()}
-    else:
-        names = {f.name for f in p.glob("*.jsonl")} | {f.name for f in (p / "data").glob("*.jsonl")}
-    return [d for d in DATASETS if _file_name(d, e) in names]
+    src = _jsonl_source(p, f"{config}.jsonl")
+    if src is not None:
+        return _read_jsonl_datasets(src, limit) if loader == "datasets" else _read_jsonl(src, limit)
+    files = _parquet_files(p, config) if loader != "json" else []
+    if files:
+        return _read_parquet(files, limit)
+    looked = [str(p / f"{config}.jsonl"), str(p / "data" / f"{config}.jsonl")]
+    if p.is_file():
+        looked = [f"{config}.jsonl in {p}"]
+    elif loader != "json":
+        looked += [str(p / f"{config}.parquet"), str(p / config / "**" / "*.parquet")]
+    raise LongBenchNotFound(
+        f"{config} not found under {p} (looked at {', '.join(looked)}); download LongBench's data.zip "
+        f"({DATA_ZIP_URL}) and pass its path (or the folder it unpacks to), or pass the hub name {HUB_REPO}")
+
+
+def available_datasets(data: str | os.PathLike = HUB_REPO, e: bool = False) -> list[str]:
+    """The datasets ``data`` holds, in LongBench's order. For a hub name: every dataset online;
+    offline, those in the datasets cache or in a cached data.zip."""
+    names = DATASETS_E if e else DATASETS
+    if is_hub_name(data):
+        if not hf_offline():
+            return list(names)
+        from datasets import config as dconfig
+        from datasets.naming import camelcase_to_snakecase
+
+        owner, name = str(data).split("/")
+        root = Path(_datasets_cache_dir() or dconfig.HF_DATASETS_CACHE) / f"{owner}___{camelcase_to_snakecase(name)}"
+        have = {d.name for d in root.glob("*") if d.is_dir()}
+        zip_path, _ = _hub_data_zip(str(data), offline=True)
+        if zip_path is not None:
+            with zipfile.ZipFile(zip_path) as z:
+                have |= {n.rsplit("/", 1)[-1][:-len(".jsonl")] for n in z.namelist() if n.endswith(".jsonl")}
+        return [d for d in names if _config(d, e) in have]
+    p = Path(data).expanduser()
+    return [d for d in names if _jsonl_source(p, _file_name(d, e)) is not None
+            or _parquet_files(p, _config(d, e))]
 
 
 # ---------------------------------------------------------------------- prompts
@@ -149,13 +317,13 @@ def truncate_middle(prompt: str, tokenizer: Any, max_length: int) -> tuple[str, 
 
 
 def build_samples(data: str | os.PathLike, datasets: Sequence[str], tokenizer: Any, max_length: int,
-                  e: bool = False, limit: int | None = None) -> list[dict]:
+                  e: bool = False, limit: int | None = None, loader: str = "auto") -> list[dict]:
     """Request-ready samples: ``id, dataset, prompt, max_tokens, no_chat, stop, answers,
     all_classes, length``."""
     tok = as_tokenizer(tokenizer)
     out = []
     for ds in datasets:
-        for i, obj in enumerate(load_dataset(data, ds, e, limit)):
+        for i, obj in enumerate(load_dataset(data, ds, e, limit, loader)):
             prompt = DATASET2PROMPT[ds].format(**obj)
             prompt, n_tok, truncated = truncate_middle(prompt, tok, max_length)
             s = {"id": f"{ds}{'_e' if e else ''}-{obj.get('_id', i)}", "dataset": ds, "prompt": prompt,

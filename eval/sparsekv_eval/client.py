@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-logger = logging.getLogger("vllm_sparsekv.eval")
+logger = logging.getLogger("sparsekv_eval")
 
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 

