@@ -7,9 +7,8 @@ import torch
 
 from vllm_sparsekv.kernels import (
     hash_codes_update_ref, hash_page_scores_ref, hash_query_ref, page_bounds_update_ref,
-    quest_page_scores_ref, select_pages_ref, sparse_paged_decode_ref,
+    quest_page_scores_group_max, quest_page_scores_ref, select_pages_ref, sparse_paged_decode_ref,
 )
-from vllm_sparsekv.kernels.page_scores import quest_page_scores_group_max
 from vllm_sparsekv.kernels.testing import (
     all_pages, brute_bounds, brute_decode, brute_hash, brute_hash_scores, brute_quest, brute_select,
     make_paged, rel_err,
