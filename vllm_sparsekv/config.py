@@ -42,34 +42,39 @@ class SparseKVConfig(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True, use_attribute_docstrings=True)
 
     method: str = "quest"
-    """Page selection method: a name from ``vllm_sparsekv.methods.available()``."""
+    """Page selection method (the methods are listed below the table)."""
     token_budget: int | None = None
-    """Tokens attended per (request, KV head) at decode, sink and recent pages included
-    (default 2048 when budget_fraction is not set either)."""
+    """Tokens attended per (request, KV head) at decode, sink and recent pages included. Rounded up
+    to whole pages. 2048 when `budget_fraction` is unset too."""
     budget_fraction: float | None = None
-    """Budget as a fraction of the request's context (0 < f <= 1); exclusive with token_budget."""
+    """Budget as a fraction of each request's context, in (0, 1]. Cannot be combined with
+    `token_budget`."""
     sink_tokens: int = 64
-    """Leading tokens always attended (rounded up to whole pages)."""
+    """Leading tokens that are always attended (rounded up to pages)."""
     recent_tokens: int = 64
-    """Trailing tokens always attended (rounded up to whole pages; the page being written is
-    always included)."""
+    """Trailing tokens that are always attended (rounded up to pages). The page being written is
+    always attended."""
     dense_layers: list[int] = [0, 1]
-    """Layer indices that always run dense (Quest keeps the first two layers dense)."""
+    """Layers that always run dense through the platform kernel (Quest keeps the first two dense).
+    Each must be a layer of the model."""
     min_context: int = 0
-    """Requests whose context is shorter than this decode dense."""
+    """Requests with a shorter context decode dense."""
     budget_allocation: Literal["uniform", "pyramid", "infscore", "headkv"] = "uniform"
-    """How the budget is spread over layers and KV heads (total preserved); infscore/headkv read
-    `head_budgets`."""
+    """How the budget is spread over (layer, KV head), total preserved: `uniform`, `pyramid`
+    (shrinks with depth, PyramidKV), `infscore` / `headkv` (from `head_budgets`). Unset: the
+    method's default (`uniform`; `pyramid` for `pyramidkv`)."""
     head_budgets: str | None = Field(default=None, validate_default=True)
-    """Path of a head-score profile (`sparsekv profile-heads`) for infscore/headkv allocation."""
+    """Head-score profile (`sparsekv profile-heads`) for `infscore` / `headkv`."""
     budget_beta: float = 1.351
-    """infscore/headkv: each head keeps 1 - 1/beta of the uniform budget; the rest is shared by score."""
+    """`infscore` / `headkv`: each head keeps `1 - 1/beta` of the uniform budget; the rest is shared
+    by score (HeadKV's split)."""
     budget_temp: float = 1.0
-    """infscore/headkv: head scores are raised to this power before sharing (sharper when > 1)."""
+    """`infscore` / `headkv`: temperature that sharpens the head scores before sharing."""
     log_interval_s: float = 10.0
-    """Seconds between the sparsity log lines (0 turns them off)."""
+    """Seconds between sparsity log lines. `0` turns them off."""
     stats_file: str | None = None
-    """If set, the worker rewrites this JSON file with the sparsity counters at each log interval."""
+    """The worker rewrites this JSON file with the sparsity counters (checked every second). Its
+    directory must exist and be writable at startup."""
 
     @field_validator("method")
     @classmethod
@@ -238,6 +243,40 @@ class SparseKVConfig(BaseModel):
 
         return max_selected_pages(self, block_size, max_model_len)
 
+def _default_text(field) -> str:
+    if field.default is None:
+        return "unset"
+    return f"`{json.dumps(field.default)}`"
+
+
+def _doc(field) -> str:
+    return " ".join((field.description or "").split()).replace("|", "\\|")
+
+
+def markdown_table() -> str:
+    """The README's configuration table, generated from the models: the shared fields, then each
+    method's options (`<method>.<field>`), then the methods. `python -m vllm_sparsekv.config`
+    prints it; tests/test_config.py checks that the README lists every field."""
+    from vllm_sparsekv.methods import available, get_method
+
+    rows = ["| field | default | meaning |", "| --- | --- | --- |"]
+    for name, field in SparseKVConfig.model_fields.items():
+        rows.append(f"| `{name}` | {_default_text(field)} | {_doc(field)} |")
+    for method in available():
+        cls = get_method(method)
+        for name, field in cls.options_model.model_fields.items():
+            old = [k for k, v in cls.deprecated_keys.items() if v == name]
+            was = f" (was `{old[0]}`)" if old else ""
+            doc = _doc(field)
+            rows.append(f"| `{method}.{name}` | {_default_text(field)} | `{method}`: {doc[:1].lower()}{doc[1:]}{was} |")
+    rows.append("")
+    rows.append("Methods (`method`):")
+    rows.append("")
+    for method in available():
+        rows.append(f"- `{method}`: {get_method(method).summary}")
+    return "\n".join(rows)
+
+
 def _parse(raw: Any, source: str) -> dict:
     if isinstance(raw, dict):
         return raw
@@ -316,3 +355,7 @@ def load_config(additional_config: dict | None = None) -> SparseKVConfig:
             + ", ".join(f"{k}={b.get(k)!r}" for k in diff) + "; set only one"
         )
     return configs[0][1]
+
+
+if __name__ == "__main__":
+    print(markdown_table())

@@ -59,6 +59,8 @@ class PageSelector:
     """Base class; subclasses override what they need."""
 
     name: str = ""
+    summary: ClassVar[str] = ""
+    """One line for the README's configuration table (what the method selects)."""
     options_model: ClassVar[type[MethodOptions]] = MethodOptions
     """The method's settings (`config.<name>`); the base model has none."""
     deprecated_keys: ClassVar[dict[str, str]] = {}

@@ -91,6 +91,9 @@ class HashSelector(PageSelector):
 
 @register("hash")
 class LinearHashSelector(HashSelector):
+    summary = ("training-free linear hashing (Spotlight's baseline): sign bits of a fixed random projection "
+               "of keys and queries; a page scores the max (or sum) of its tokens' Hamming similarities to "
+               "the group's queries.")
     options_model = HashOptions
     deprecated_keys = {"hash_bits": "bits", "hash_page_reduce": "page_reduce", "hash_seed": "seed"}
 

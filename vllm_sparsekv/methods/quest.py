@@ -20,6 +20,8 @@ class QuestOptions(MethodOptions):
 
 @register("quest")
 class QuestSelector(PageSelector):
+    summary = ("Quest page bounds (per-page key min/max; score Σ max(q·min, q·max), summed over the GQA "
+               "group, or the max over it: `quest.group_reduce`).")
     options_model = QuestOptions
     deprecated_keys = {"quest_group_reduce": "group_reduce"}
     # Where the bounds live: a side tensor [num_blocks, Hkv, 2, D] indexed by the *physical*

@@ -21,6 +21,9 @@ class SnapKVOptions(MethodOptions):
 
 @register("snapkv")
 class SnapKVSelector(PrefillScoredSelector):
+    summary = ("prefill-time eviction (SnapKV): the prompt's last queries score the prompt pages once; "
+               "decode attends to the best within the budget, the sink/recent pages and every page "
+               "written since prefill.")
     options_model = SnapKVOptions
     deprecated_keys = {"observation_window": "observation_window", "pooling_kernel": "pooling_kernel"}
 
@@ -38,4 +41,5 @@ class PyramidKVSelector(SnapKVSelector):
     """SnapKV with pyramid budgets unless `budget_allocation` is set; options: `pyramidkv.*`
     (SnapKV's)."""
 
+    summary = "PyramidKV: SnapKV with budgets shrinking with depth (default `budget_allocation`: `pyramid`)."
     default_allocation = "pyramid"

@@ -139,6 +139,8 @@ def check_geometry(ckpt: dict, bits: int | None = None, *, num_layers: int | Non
 class SpotlightSelector(HashSelector):
     """Trained (MLP) hashing; codes stored and scored exactly like `hash`."""
 
+    summary = ("Spotlight's trained hash (an MLP per layer and KV head, `sparsekv train-hash`), scored "
+               "like `hash`.")
     options_model = SpotlightOptions
     deprecated_keys = {"hash_checkpoint": "checkpoint", "hash_page_reduce": "page_reduce", "hash_bits": "bits"}
     whole_model_heads = True  # trained weights per KV head of the whole model

@@ -22,6 +22,7 @@ def position_scores(seq_lens: torch.Tensor, block_size: int, num_kv_heads: int, 
 
 @register("streaming")
 class StreamingSelector(PageSelector):
+    summary = "StreamingLLM: sink pages plus the most recent pages."
     evicts = True
 
     def score_pages(self, query, key_cache, block_table, seq_lens, max_pages):
