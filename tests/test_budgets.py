@@ -252,9 +252,11 @@ def test_request_budget_pages_matches_the_rules(seed_gen):
 
 
 def test_request_budget_pages_fraction_edge_is_python_ceil():
-    # float64 like Python's math.ceil: 100 * 0.07 = 7.000000000000001 -> 8, and 30 * 0.1 =
-    # 3.0000000000000004 -> 4 (float32 arithmetic, the builder's before, rounds that to 3.0 -> 3)
-    cfg = SparseKVConfig(budget_fraction=0.07)
-    assert budgets.request_budget_pages(cfg, torch.tensor([1600]), 16).tolist() == [8]
-    cfg = SparseKVConfig(budget_fraction=0.1)
-    assert budgets.request_budget_pages(cfg, torch.tensor([30 * 16]), 16).tolist() == [4] == [_budget_rule(cfg, 480, 16, False)]
+    # float64 like Python's math.ceil. In float32 (the builder's arithmetic before this function)
+    # 100 pages * 0.07 gives 7 (float64: 7.000000000000001 -> 8) and 50 * 0.3 gives 16 (float64:
+    # 15.0 -> 15), so the backend and the offline sweep disagreed on those budgets.
+    for frac, pages, want in ((0.07, 100, 8), (0.3, 50, 15)):
+        cfg = SparseKVConfig(budget_fraction=frac)
+        got = budgets.request_budget_pages(cfg, torch.tensor([pages * 16 - 3]), 16).tolist()
+        assert got == [want] == [_budget_rule(cfg, pages * 16 - 3, 16, False)], (frac, pages, got)
+        assert int(torch.ceil(torch.tensor([pages], dtype=torch.float32) * frac)) != want  # float32 differs
