@@ -211,3 +211,20 @@ def test_end_to_end_budget_above_context_is_dense():
     out = sparse_paged_decode_ref(q, kc, vc, bt, sl, idx, 1 / math.sqrt(D))
     exp = brute_decode(q, kc, vc, bt, sl, all_pages(lens, bs, P, Hkv), 1 / math.sqrt(D))
     assert rel_err(out, exp) < 1e-5
+
+
+def test_mask_past_pages():
+    """-inf exactly at the pages past ceil(seq_len / bs), the rest untouched (out of place)."""
+    from vllm_sparsekv.kernels import mask_past_pages, num_pages
+
+    g = _gen("mask")
+    for bs in BLOCKS:
+        sl = torch.tensor(_lens(bs, g) + [0], dtype=torch.int32)
+        P = int(num_pages(sl, bs).max()) + 2
+        scores = torch.randn(len(sl), 3, P, generator=g)
+        got = mask_past_pages(scores, sl, bs)
+        for n, s in enumerate(sl.tolist()):
+            held = math.ceil(s / bs)
+            assert torch.equal(got[n, :, :held], scores[n, :, :held])
+            assert bool((got[n, :, held:] == float("-inf")).all())
+        assert bool(torch.isfinite(scores).all())  # the input is not modified
