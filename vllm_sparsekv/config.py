@@ -163,6 +163,8 @@ class SparseKVConfig(BaseModel):
             value = data.pop(key)
             for name, field in targets:
                 section = data.get(name)
+                if isinstance(section, BaseModel):
+                    section = section.model_dump(exclude_unset=True)
                 if section is None or isinstance(section, dict):
                     data[name] = {field: value, **(section or {})}
             shown = [t for t in targets if t[0] == method] or targets
@@ -242,6 +244,7 @@ class SparseKVConfig(BaseModel):
         from vllm_sparsekv.budgets import max_selected_pages
 
         return max_selected_pages(self, block_size, max_model_len)
+
 
 def _default_text(field) -> str:
     if field.default is None:
