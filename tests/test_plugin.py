@@ -1,5 +1,6 @@
 """Plugin registration: the alias, the CUSTOM slot, the CPU selector, spawn-safety."""
 
+import os
 import pickle
 import subprocess
 import sys
@@ -91,6 +92,7 @@ def fake_platform(enum):
     log = logging.getLogger("vllm.sparsekv")
     old = log.level
     log.addHandler(handler)
+    os.environ.pop("SPARSEKV_STARTUP_LINE", None)  # the startup line is logged once per config and process tree
     log.setLevel(logging.INFO)
     yield Platform, got
     log.removeHandler(handler)

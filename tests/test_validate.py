@@ -34,6 +34,7 @@ def records():
     log = logging.getLogger("vllm.sparsekv")
     old = log.level
     log.addHandler(handler)
+    os.environ.pop("SPARSEKV_STARTUP_LINE", None)  # the startup line is logged once per config and process tree
     log.setLevel(logging.DEBUG)
     yield got
     log.removeHandler(handler)
@@ -45,6 +46,7 @@ def test_a_plain_gqa_model_passes_and_logs_what_will_run(records):
     before = repr(cfg)
     validate_engine_config(cfg, "cpu")
     assert repr(cfg) == before  # nothing to adjust for quest
+    validate_engine_config(engine(), "cpu")  # vLLM's engine process runs the hook again: no second line
     info = [r.getMessage() for r in records if r.levelno == logging.INFO]
     assert info == ["sparsekv: method quest {'group_reduce': 'sum'}, budget 512 tokens (= 32 pages) per "
                     "(request, KV head) + sink 64 / recent 64 tokens, page size 16 tokens (block size), "

@@ -13,6 +13,7 @@ from vllm_sparsekv.config import SparseKVConfigError, load_config
 from vllm_sparsekv.methods import get_method
 
 logger = logging.getLogger("vllm.sparsekv")
+_LOGGED = "SPARSEKV_STARTUP_LINE"  # the line already logged, inherited by the processes vLLM spawns
 
 
 def validate_engine_config(vllm_config, device_type: str | None = None) -> None:
@@ -71,7 +72,10 @@ def validate_engine_config(vllm_config, device_type: str | None = None) -> None:
             "--attention-backend sparsekv cannot serve this configuration:\n  - " + "\n  - ".join(problems)
         )
     _check_head_budgets(vllm_config)
-    logger.info("%s", startup_line(cfg, getattr(cache, "block_size", None), num_layers, device_type))
+    line = startup_line(cfg, getattr(cache, "block_size", None), num_layers, device_type)
+    if os.environ.get(_LOGGED) != line:  # once: vLLM's engine process, spawned later, runs this hook again
+        logger.info("%s", line)
+        os.environ[_LOGGED] = line
 
 
 def _check_stats_file(path: str | None) -> None:
