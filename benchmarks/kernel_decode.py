@@ -285,14 +285,10 @@ def sweep(args):
 
 
 def parts(args):
-    """The B=8, L=128K target cases part by part: kernel variants and launch knobs, old kernels
-    (benchmarks/_old_kernels, when present) beside the new ones, bandwidth of each scoring kernel."""
+    """The B=8, L=128K target cases part by part: launch knobs and the bandwidth of each scoring
+    kernel, the selection (against its reference), the attention, and the total."""
     from vllm_sparsekv.kernels import page_scores as PS
     from vllm_sparsekv.kernels import page_select as SEL
-    try:
-        from benchmarks._old_kernels import page_scores as OPS, page_select as OSEL
-    except Exception:  # noqa: BLE001
-        OPS = OSEL = None
     reps = args.reps
     print(f"D2D copy {hbm_copy_TBps():.2f} TB/s", flush=True)
     for bs, method, bname, frac in ((16, "quest", "1/16", 1 / 16), (32, "hash", "2%", 0.02)):
@@ -304,10 +300,6 @@ def parts(args):
         budget = torch.full((N, HKV), k, dtype=torch.int32, device="cuda")
         if method == "quest":
             nb = N * P * HKV * 2 * D * 2 + N * HKV * P * 4
-            if OPS is not None:
-                f = lambda: OPS.quest_page_scores_triton(c.q, c.bounds, c.bt, c.sl, P, bs)  # noqa: E731
-                ms = bench(f, reps)
-                print(f"  score OLD quest: {ms:.4f} ms {nb / ms / 1e9:.2f} TB/s", flush=True)
             for te in (8192,):
                 for nw in (4,):
                     PS.QUEST_TILE_ELEMS, PS.QUEST_WARPS = te, nw
@@ -318,29 +310,21 @@ def parts(args):
             nb = N * c.L * HKV * BITS // 8 + N * HKV * P * 4
             qc = K.hash_query(c.q, c.proj)
             print(f"  hash_query alone: {bench(lambda: K.hash_query(c.q, c.proj), reps):.4f} ms", flush=True)
-            for acc in (True,):
-                for tw in (4096,):
-                    for nw in (4,):
-                        PS.HASH_WORD_ACC, PS.HASH_TILE_WORDS, PS.HASH_WARPS = acc, tw, nw
-                        ms = bench(lambda: K.hash_page_scores(qc, c.codes, c.bt, c.sl, P, "max"), reps)
-                        print(f"  score hash word_acc={acc} tile_words={tw} warps={nw}: {ms:.4f} ms "
-                              f"{nb / ms / 1e9:.2f} TB/s", flush=True)
-            PS.HASH_WORD_ACC, PS.HASH_TILE_WORDS, PS.HASH_WARPS = True, 4096, 4
+            for tw in (4096,):
+                for nw in (4,):
+                    PS.HASH_TILE_WORDS, PS.HASH_WARPS = tw, nw
+                    ms = bench(lambda: K.hash_page_scores(qc, c.codes, c.bt, c.sl, P, "max"), reps)
+                    print(f"  score hash tile_words={tw} warps={nw}: {ms:.4f} ms {nb / ms / 1e9:.2f} TB/s", flush=True)
+            PS.HASH_TILE_WORDS, PS.HASH_WARPS = 4096, 4
         sc = c.score(method)()
         ref = K.select_pages_ref(sc, c.sl, bs, budget, SINK, RECENT, k)
-        for tag, mod in (("OLD", OSEL), ("new", SEL)):
-            if mod is None:
-                continue
-            for nw in ((8,) if mod is OSEL else (4, 8, 16)):
-                for ways in ((0,) if mod is OSEL else (2, 4, 8, 16)):
-                    SEL.SELECT_WARPS, SEL.SELECT_WAYS = nw, ways or 4
-                    if mod is OSEL:
-                        mod.SELECT_WARPS = nw
-                    f = lambda: mod.select_pages_triton(sc, c.sl, bs, budget, SINK, RECENT, k)  # noqa: E731
-                    got = f()
-                    ok = torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
-                    print(f"  select {tag} warps={nw} ways={ways}: {bench(f, reps):.4f} ms exact={ok}", flush=True)
-        SEL.SELECT_WARPS, SEL.SELECT_WAYS = 8, 4
+        for nw in (4, 8, 16):
+            SEL.SELECT_WARPS = nw
+            f = lambda: SEL.select_pages_triton(sc, c.sl, bs, budget, SINK, RECENT, k)  # noqa: E731
+            got = f()
+            ok = torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+            print(f"  select warps={nw}: {bench(f, reps):.4f} ms exact={ok}", flush=True)
+        SEL.SELECT_WARPS = 8
         idx, _ = K.select_pages(sc, c.sl, bs, budget, SINK, RECENT, k)
         for tile in (64, 128):
             for spm in (4, 8, 16):

@@ -76,13 +76,18 @@ def commit() -> str:
 def _common(a) -> dict:
     """SparseKVConfig settings shared by every run (None = the config's default)."""
     c = {"sink_tokens": a.sink_tokens, "recent_tokens": a.recent_tokens, "head_budgets": a.head_budgets,
-         "hash_checkpoint": a.hash_checkpoint}
-    for item in a.set or []:  # --set KEY=VALUE: any other SparseKVConfig field (JSON value or string)
-        key, _, val = item.partition("=")
+         "spotlight": {"checkpoint": a.hash_checkpoint} if a.hash_checkpoint else None}
+    for item in a.set or []:  # --set KEY=VALUE: any other SparseKVConfig field (JSON value or string);
+        key, _, val = item.partition("=")  # METHOD.FIELD=VALUE sets a method's option (quest.group_reduce=max)
         try:
-            c[key] = json.loads(val)
+            v = json.loads(val)
         except ValueError:
-            c[key] = val
+            v = val
+        section, dot, field = key.partition(".")
+        if dot:
+            c[section] = {**(c.get(section) or {}), field: v}
+        else:
+            c[key] = v
     return {k: v for k, v in c.items() if v is not None}
 
 
@@ -612,7 +617,7 @@ def main(argv=None) -> int:
     p.add_argument("--head-budgets", default=None, help="head-score profile for @infscore / @headkv")
     p.add_argument("--hash-checkpoint", default=None, help="`sparsekv train-hash` checkpoint for spotlight")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="another SparseKVConfig setting for every run (repeatable), e.g. quest_group_reduce=max")
+                   help="another SparseKVConfig setting for every run (repeatable), e.g. quest.group_reduce=max")
     p.add_argument("--device", default="cpu", help="cpu or cuda (HF model + the kernels' Triton versions)")
     p.add_argument("--budget-fractions", type=lambda x: [float(v) for v in csv(x)], default=[0.25, 0.125, 0.0625])
     p.add_argument("--token-budgets", type=lambda x: [int(v) for v in csv(x)], default=[256, 1024])

@@ -113,8 +113,11 @@ def middle_page_iou(model, prompts, cfg, sparse_layers, block_size: int, queries
             tot = torch.where(cand[:, None], pm, torch.zeros_like(pm)).sum(-1)
             for meth in (*METHODS, *SUM_VARIANTS):
                 base = meth.removesuffix("-sum")
-                upd = {"method": base, "hash_page_reduce": "sum" if meth.endswith("-sum") else "max"}
-                sel = get_method(base)(cfg.model_copy(update=upd), LayerGeometry(hq, hkv, d, bs, layer))
+                opts = cfg.options(base).model_dump()
+                if "page_reduce" in opts:
+                    opts["page_reduce"] = "sum" if meth.endswith("-sum") else "max"
+                mcfg = type(cfg).model_validate({**cfg.model_dump(), "method": base, base: opts})
+                sel = get_method(base)(mcfg, LayerGeometry(hq, hkv, d, bs, layer))
                 sel.allocate(P, torch.float32, torch.device("cpu"))
                 sel.on_kv_write(k.transpose(0, 1).contiguous(), key_cache, torch.arange(L))
                 sc = sel.score_pages(qb, key_cache, bt, sl, P)  # [N, Hkv, P]
@@ -176,7 +179,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     model, tok = sweep.load_model(a.model)
     prompts = heldout_windows(tok, held, a.length, a.prompts)
-    cfg = SparseKVConfig(method="spotlight", hash_checkpoint=str(Path(a.ckpt).resolve()))
+    cfg = SparseKVConfig(method="spotlight", spotlight={"checkpoint": str(Path(a.ckpt).resolve())})
     sparse_layers = [i for i in range(ckpt["num_layers"]) if i not in cfg.dense_layers]
     probe = sweep.IouProbe(list(METHODS), FRACTIONS, a.steps, cfg)
     page: dict[str, list[dict]] = {}

@@ -1,6 +1,21 @@
 import os
+import zlib
 
 import pytest
+
+TEST_SEED = int(os.environ.get("SPARSEKV_TEST_SEED", int.from_bytes(os.urandom(4), "little") % 2**30))
+
+
+@pytest.fixture
+def seed_gen(request):
+    """A torch.Generator seeded by crc32 of the test id plus SPARSEKV_TEST_SEED (random per run
+    unless set). The seed is printed, so pytest shows it with a failure; replay with
+    SPARSEKV_TEST_SEED=<base> pytest <test id>."""
+    import torch
+
+    seed = (zlib.crc32(request.node.nodeid.encode()) + TEST_SEED) % 2**31
+    print(f"seed {seed} = crc32({request.node.nodeid!r}) + SPARSEKV_TEST_SEED={TEST_SEED}")
+    return torch.Generator().manual_seed(seed)
 
 
 @pytest.fixture(scope="session")

@@ -196,3 +196,67 @@ def test_captured_attention_rows_equal_eager_attention():
     for layer, a in enumerate(got):
         torch.testing.assert_close(a, ref[layer][0, :, rows, :].float(), rtol=1e-4, atol=1e-5)
     assert to_kv_heads(torch.tensor([[1.0, 3.0, 5.0, 7.0]]), 2).tolist() == [[2.0, 6.0]]
+
+
+# ---------------------------------------------------------------------------- per-request pages
+
+
+def _budget_rule(cfg, seq_len: int, bs: int, selects_all: bool) -> int:
+    """The rules as written in the README / the issue, one request at a time in Python."""
+    import math
+
+    num_pages = math.ceil(seq_len / bs)
+    if selects_all:
+        return num_pages
+    if cfg.token_budget is not None:
+        budget = math.ceil(cfg.token_budget / bs)
+    else:
+        budget = math.ceil(num_pages * cfg.budget_fraction)
+    if cfg.min_context and seq_len < cfg.min_context:
+        budget = num_pages
+    return budget
+
+
+def test_request_budget_pages_matches_the_rules(seed_gen):
+    g = seed_gen
+    for _ in range(60):
+        bs = [16, 32, 128][int(torch.randint(0, 3, (1,), generator=g))]
+        n = int(torch.randint(1, 9, (1,), generator=g))
+        seq_lens = torch.randint(1, 9000, (n,), generator=g, dtype=torch.int32)
+        kw = {"min_context": int(torch.randint(0, 2, (1,), generator=g)) * int(torch.randint(1, 9000, (1,), generator=g))}
+        if torch.rand((), generator=g) < 0.5:
+            kw["token_budget"] = int(torch.randint(1, 5000, (1,), generator=g))
+        else:
+            kw["budget_fraction"] = round(float(torch.rand((), generator=g)) * 0.999 + 0.001, 4)
+        method = ["quest", "full", "snapkv"][int(torch.randint(0, 3, (1,), generator=g))]
+        cfg = SparseKVConfig(method=method, **kw)
+        sel_all = method == "full"
+        want = torch.tensor([_budget_rule(cfg, int(s), bs, sel_all) for s in seq_lens], dtype=torch.int32)
+        got = budgets.request_budget_pages(cfg, seq_lens, bs)  # selects_all looked up from the method
+        assert got.dtype == torch.int32 and torch.equal(got, want), (cfg, bs, seq_lens)
+        assert torch.equal(budgets.request_budget_pages(cfg, seq_lens.long(), bs, sel_all), want)
+        # into a persistent buffer: [N] and [N, H] (every head the same), no new tensor returned
+        out = torch.full((n, 3), -7, dtype=torch.int32)
+        assert budgets.request_budget_pages(cfg, seq_lens, bs, sel_all, out=out) is out
+        assert torch.equal(out, want[:, None].expand(n, 3))
+        flat = torch.empty(n, dtype=torch.int32)
+        assert budgets.request_budget_pages(cfg, seq_lens, bs, sel_all, out=flat) is flat and torch.equal(flat, want)
+        # the static k covers every request any context up to max_model_len could get
+        k = budgets.max_selected_pages(cfg, bs, 9000)
+        assert k == cfg.max_selected_pages(bs, 9000)
+        forced = cfg.sink_pages(bs) + cfg.recent_pages(bs)
+        all_lens = torch.arange(1, 9001, dtype=torch.int32)
+        need = torch.minimum(torch.maximum(budgets.request_budget_pages(cfg, all_lens, bs),
+                                           torch.tensor(forced)), (all_lens + bs - 1) // bs)
+        assert int(need.max()) <= k <= -(-9000 // bs)
+
+
+def test_request_budget_pages_fraction_edge_is_python_ceil():
+    # float64 like Python's math.ceil. In float32 (the builder's arithmetic before this function)
+    # 100 pages * 0.07 gives 7 (float64: 7.000000000000001 -> 8) and 50 * 0.3 gives 16 (float64:
+    # 15.0 -> 15), so the backend and the offline sweep disagreed on those budgets.
+    for frac, pages, want in ((0.07, 100, 8), (0.3, 50, 15)):
+        cfg = SparseKVConfig(budget_fraction=frac)
+        got = budgets.request_budget_pages(cfg, torch.tensor([pages * 16 - 3]), 16).tolist()
+        assert got == [want] == [_budget_rule(cfg, pages * 16 - 3, 16, False)], (frac, pages, got)
+        assert int(torch.ceil(torch.tensor([pages], dtype=torch.float32) * frac)) != want  # float32 differs

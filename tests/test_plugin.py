@@ -1,5 +1,6 @@
 """Plugin registration: the alias, the CUSTOM slot, the CPU selector, spawn-safety."""
 
+import os
 import pickle
 import subprocess
 import sys
@@ -68,3 +69,74 @@ def test_selection_survives_pickling_into_a_fresh_process(enum):
     out = subprocess.run([sys.executable, "-c", code], input=blob, capture_output=True, timeout=120)
     assert out.returncode == 0, out.stderr.decode()[-2000:]
     assert out.stdout.decode().split() == ["CUSTOM", "vllm_sparsekv.backend.sparsekv_backend.SparseKVBackend"]
+
+
+@pytest.fixture
+def fake_platform(enum):
+    """A platform class whose own check does nothing, wrapped like the real one."""
+    import logging
+
+    from vllm_sparsekv.plugin import _wrap_platform
+
+    class Platform:
+        device_type = "cpu"
+
+        @classmethod
+        def check_and_update_config(cls, vllm_config):
+            vllm_config.checked = True
+
+    _wrap_platform(Platform)
+    got = []
+    handler = logging.Handler()
+    handler.emit = got.append
+    log = logging.getLogger("vllm.sparsekv")
+    old = log.level
+    log.addHandler(handler)
+    os.environ.pop("SPARSEKV_STARTUP_LINE", None)  # the startup line is logged once per config and process tree
+    log.setLevel(logging.INFO)
+    yield Platform, got
+    log.removeHandler(handler)
+    log.setLevel(old)
+
+
+def _vllm_config(backend, sparsekv=None):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(attention_config=SimpleNamespace(backend=backend),
+                           additional_config={"sparsekv": sparsekv} if sparsekv is not None else {},
+                           model_config=None, cache_config=None, parallel_config=None)
+
+
+def test_env_config_without_the_backend_warns_naming_both(fake_platform, monkeypatch, enum):
+    import logging
+
+    platform, records = fake_platform
+    monkeypatch.setenv("VLLM_SPARSEKV_CONFIG", '{"method": "quest"}')
+    cfg = _vllm_config(None)
+    platform.check_and_update_config(cfg)
+    assert cfg.checked
+    warn = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    assert len(warn) == 1 and "VLLM_SPARSEKV_CONFIG is set but --attention-backend sparsekv is not" in warn[0]
+    assert "dense" in warn[0]
+    records.clear()
+    platform.check_and_update_config(_vllm_config(enum.CPU_ATTN))
+    assert "--attention-backend CPU_ATTN" in records[0].getMessage()
+    records.clear()
+    monkeypatch.delenv("VLLM_SPARSEKV_CONFIG")
+    platform.check_and_update_config(_vllm_config(None))
+    assert not records  # nothing set: nothing to say
+
+
+def test_config_error_is_logged_before_the_traceback(fake_platform, enum):
+    import logging
+
+    from vllm_sparsekv.config import SparseKVConfigError
+
+    platform, records = fake_platform
+    with pytest.raises(SparseKVConfigError):
+        platform.check_and_update_config(_vllm_config(enum.CUSTOM, {"token_budget": -5}))
+    errors = [r.getMessage() for r in records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and errors[0].startswith("sparsekv.token_budget: must be a positive number of tokens")
+    records.clear()
+    platform.check_and_update_config(_vllm_config(enum.CUSTOM, {"token_budget": 64}))
+    assert [r.levelno for r in records] == [logging.INFO]  # the startup line

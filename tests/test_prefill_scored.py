@@ -58,7 +58,7 @@ def make(method, g=3, bs=16, **kw):
 def test_snapkv_scores_pages_by_window_mass_and_keeps_new_pages():
     gen = torch.Generator().manual_seed(0)
     L, bs, w = 90, 16, 8
-    sel = make("snapkv", bs=bs, observation_window=w, pooling_kernel=1)
+    sel = make("snapkv", bs=bs, snapkv={"observation_window": w, "pooling_kernel": 1})
     keys = torch.randn(L, 2, 64, generator=gen)
     cache, row = paged(keys, bs, 16, gen)
     sel.on_kv_write(None, cache, (row[:, None] * bs + torch.arange(bs)).reshape(-1)[:L])
@@ -95,5 +95,7 @@ def test_h2o_accumulates_over_chunks_like_one_pass():
 
 def test_pyramidkv_is_snapkv_with_pyramid_budgets():
     cfg = SparseKVConfig(method="pyramidkv")
-    assert cfg.budget_allocation == "pyramid"
+    assert cfg.budget_allocation == "pyramid"  # the method's default_allocation
+    assert SparseKVConfig(method="pyramidkv", budget_allocation="uniform").budget_allocation == "uniform"
+    assert SparseKVConfig(method="snapkv").budget_allocation == "uniform"
     assert issubclass(get_method("pyramidkv"), get_method("snapkv"))

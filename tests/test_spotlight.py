@@ -88,8 +88,8 @@ def test_resume_trains_only_missing_layers(tmp_path, monkeypatch):
         T.train_hash(model, _seqs(4), _seqs(1, seed=2), out, dict(opts, hidden=8), model_id="tiny", progress=False)
 
 
-def _selector(path, layer=1, hkv=HKV, d=D, **cfg):
-    config = SparseKVConfig(method="spotlight", hash_checkpoint=str(path), **cfg)
+def _selector(path, layer=1, hkv=HKV, d=D, **opts):
+    config = SparseKVConfig(method="spotlight", spotlight={"checkpoint": str(path), **opts})
     return get_method("spotlight")(config, LayerGeometry(HQ if hkv == HKV else hkv * 2, hkv, d, 4, layer))
 
 
@@ -134,8 +134,8 @@ def test_untrained_checkpoint_is_the_linear_hash(tmp_path):
             "hash_bits": BITS, "hidden": 8, "activation": "silu", "complete": True,
             "layers": {i: T.init_layer(HKV, D, BITS, 8, i, 0, recs) for i in range(2)}}
     torch.save(ckpt, tmp_path / "init.pt")
-    spot = _selector(tmp_path / "init.pt", hash_bits=BITS)
-    lin = get_method("hash")(SparseKVConfig(method="hash", hash_bits=BITS), LayerGeometry(HQ, HKV, D, 4, 1))
+    spot = _selector(tmp_path / "init.pt", bits=BITS)
+    lin = get_method("hash")(SparseKVConfig(method="hash", hash={"bits": BITS}), LayerGeometry(HQ, HKV, D, 4, 1))
     _write(spot)
     _write(lin)
     assert torch.equal(spot.codes, lin.codes)
@@ -146,7 +146,7 @@ def test_untrained_checkpoint_is_the_linear_hash(tmp_path):
 
 def test_checkpoint_errors(trained, tmp_path):
     out, _ = trained
-    with pytest.raises(S.SpotlightCheckpointError, match="hash_checkpoint.*train-hash"):
+    with pytest.raises(S.SpotlightCheckpointError, match="spotlight.checkpoint.*train-hash"):
         get_method("spotlight")(SparseKVConfig(method="spotlight"), LayerGeometry(HQ, HKV, D, 4, 1))
     with pytest.raises(S.SpotlightCheckpointError, match="not found"):
         _selector(tmp_path / "nope.pt")
@@ -157,11 +157,11 @@ def test_checkpoint_errors(trained, tmp_path):
         _selector(out, hkv=3)
     with pytest.raises(S.SpotlightCheckpointError, match=r"head_dim: checkpoint 16, model 32"):
         _selector(out, d=32)
-    with pytest.raises(S.SpotlightCheckpointError, match=r"hash_bits: checkpoint 64, sparsekv.hash_bits 128"):
-        _selector(out, hash_bits=128)
+    with pytest.raises(S.SpotlightCheckpointError, match=r"hash_bits: checkpoint 64, sparsekv.spotlight.bits 128"):
+        _selector(out, bits=128)
     with pytest.raises(S.SpotlightCheckpointError, match=r"layers \[5\] are not trained"):
         _selector(out, layer=5)
-    _selector(out)  # hash_bits left at its default: the checkpoint's bits are used
+    _selector(out)  # bits left unset: the checkpoint's bits are used
 
 
 def test_engine_config_validation(trained):
@@ -172,7 +172,7 @@ def test_engine_config_validation(trained):
     def vcfg(layers, kv, d, **extra):
         model = SimpleNamespace(get_total_num_hidden_layers=lambda: layers, get_total_num_kv_heads=lambda: kv,
                                 get_head_size=lambda: d, get_sliding_window=lambda: None)
-        return SimpleNamespace(additional_config={"sparsekv": {"method": "spotlight", "hash_checkpoint": str(out),
+        return SimpleNamespace(additional_config={"sparsekv": {"method": "spotlight", "spotlight": {"checkpoint": str(out)},
                                                                "dense_layers": [], **extra}},
                                model_config=model, cache_config=None, parallel_config=None)
 

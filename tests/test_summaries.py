@@ -46,7 +46,7 @@ def test_quest_bounds_and_hash_codes_follow_every_write(isa, d):
     cache = CpuCache(nb, H, bs, d, isa)
     geo = LayerGeometry(num_heads=3 * H, num_kv_heads=H, head_size=d, block_size=bs, layer=5)
     quest = get_method("quest")(SparseKVConfig(method="quest"), geo)
-    hashm = get_method("hash")(SparseKVConfig(method="hash", hash_bits=64), geo)
+    hashm = get_method("hash")(SparseKVConfig(method="hash", hash={"bits": 64}), geo)
     for m in (quest, hashm):
         m.allocate(nb, torch.float32, torch.device("cpu"))
     quest.bounds.fill_(float("nan"))

@@ -1,4 +1,7 @@
-"""Token budget -> pages per (layer, KV head).
+"""Token budget -> pages per request, and per (layer, KV head).
+
+`request_budget_pages` is the one place the per-request rules live (the backend's metadata
+builder and the offline sweep both call it); `max_selected_pages` is the static k they imply.
 
 `layer_head_weights` returns a [num_layers, num_kv_heads] float tensor of budget multipliers whose
 mean over the sparse layers' heads is 1, so the total budget is preserved: head (l, h) of a request
@@ -47,6 +50,69 @@ SCORE_FIELD = {"infscore": "infscore", "headkv": "headkv_retrieval"}
 
 class HeadBudgetsError(ValueError):
     """A missing or mismatched `head_budgets` profile; the message names the setting."""
+
+
+# ---------------------------------------------------------------------------- per-request pages
+
+
+def _selects_all(config, selects_all: bool | None) -> bool:
+    if selects_all is not None:
+        return selects_all
+    from vllm_sparsekv.methods import get_method
+
+    return get_method(config.method).selects_all
+
+
+def request_budget_pages(config, seq_lens: torch.Tensor, block_size: int, selects_all: bool | None = None,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
+    """Pages each decode request may attend per (layer, KV head), before the per-head multipliers
+    of `layer_head_weights`. `seq_lens` [N] (int32 or int64, the decode token included) ->
+    [N] int32, or written into `out` ([N], or [N, H]: the same value in every column) and returned.
+
+    The rules, with num_pages = ceil(seq_len / block_size):
+    - `selects_all` (the method reads every page, e.g. `full`): num_pages;
+    - else `token_budget`: ceil(token_budget / block_size) (may exceed num_pages; the selection
+      clamps it);
+    - else `budget_fraction`: ceil(num_pages * budget_fraction), in float64 (= Python's math.ceil);
+    - then `min_context`: requests with seq_len < min_context get num_pages (decode dense).
+
+    `selects_all=None` looks the method up (`config.method`); the builder passes its cached flag.
+    Device ops only: no host sync, shapes fixed by N, so CUDA-graph capturable (a few [N]
+    temporaries are allocated)."""
+    all_pages = _selects_all(config, selects_all)
+    if out is None:
+        out = torch.empty(seq_lens.shape[0], dtype=torch.int32, device=seq_lens.device)
+    if out.dim() not in (1, 2) or out.shape[0] != seq_lens.shape[0]:
+        raise ValueError(f"out must be [N] or [N, H] with N = {seq_lens.shape[0]}, got {list(out.shape)}")
+    col = out if out.dim() == 1 else out[:, 0]
+    num_pages = torch.floor_divide(seq_lens + (block_size - 1), block_size)
+    if all_pages:
+        col.copy_(num_pages)
+    elif config.token_budget is not None:
+        col.fill_(math.ceil(config.token_budget / block_size))
+    else:
+        col.copy_(torch.ceil(num_pages.to(torch.float64) * config.budget_fraction))
+    if config.min_context and not all_pages:
+        col.copy_(torch.where(seq_lens < config.min_context, num_pages, col))
+    if out.dim() == 2 and out.shape[1] > 1:
+        out[:, 1:].copy_(col[:, None].expand(-1, out.shape[1] - 1))
+    return out
+
+
+def max_selected_pages(config, block_size: int, max_model_len: int, selects_all: bool | None = None) -> int:
+    """Static k of the selection: the most pages any (request, KV head) can attend under
+    `request_budget_pages` (before per-head multipliers), capped by max_model_len's pages; never
+    below the forced sink + recent pages."""
+    max_pages = math.ceil(max_model_len / block_size)
+    if _selects_all(config, selects_all):
+        return max_pages
+    forced = config.sink_pages(block_size) + config.recent_pages(block_size)
+    if config.token_budget is not None:
+        budget = math.ceil(config.token_budget / block_size)
+    else:
+        budget = math.ceil(config.budget_fraction * max_pages)
+    dense_short = math.ceil(config.min_context / block_size)
+    return min(max_pages, max(budget, forced, dense_short))
 
 
 def _normalise(w: torch.Tensor, sparse_layers: list[int]) -> torch.Tensor:

@@ -3,6 +3,11 @@
 Read from ``additional_config["sparsekv"]`` (``--additional-config '{"sparsekv": {...}}'``) or
 from the ``VLLM_SPARSEKV_CONFIG`` environment variable (JSON text or a path to a JSON file).
 Both at once is an error unless they agree, so a stale variable never wins silently.
+
+The fields here are the ones every method shares (budget, sink/recent pages, dense layers, ...).
+A method's own knobs live in its options model (``vllm_sparsekv.methods``: ``options_model`` of
+the method's class), given as the config section named after the method, e.g.
+``{"method": "quest", "quest": {"group_reduce": "max"}}``; this module names no method.
 """
 
 from __future__ import annotations
@@ -10,9 +15,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import warnings
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import InitErrorDetails
+
 
 ENV_VAR = "VLLM_SPARSEKV_CONFIG"
 CONFIG_KEY = "sparsekv"
@@ -24,55 +33,48 @@ class SparseKVConfigError(ValueError):
 
 
 class SparseKVConfig(BaseModel):
-    """Sparse decode attention settings (see README, "Configuration")."""
+    """Sparse decode attention settings (see README, "Configuration").
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    Besides the fields below, a key named after a registered method holds that method's options
+    (validated by its ``options_model``); ``options(name)`` returns them, defaults filled in."""
+
+    # extra keys are method sections, validated in _method_sections (anything else is refused)
+    model_config = ConfigDict(extra="allow", frozen=True, use_attribute_docstrings=True)
 
     method: str = "quest"
-    """Page selection method: a name from ``vllm_sparsekv.methods.available()``."""
+    """Page selection method (the methods are listed below the table)."""
     token_budget: int | None = None
-    """Tokens attended per (request, KV head) at decode, sink and recent pages included
-    (default 2048 when budget_fraction is not set either)."""
+    """Tokens attended per (request, KV head) at decode, sink and recent pages included. Rounded up
+    to whole pages. 2048 when `budget_fraction` is unset too."""
     budget_fraction: float | None = None
-    """Budget as a fraction of the request's context (0 < f <= 1); exclusive with token_budget."""
+    """Budget as a fraction of each request's context, in (0, 1]. Cannot be combined with
+    `token_budget`."""
     sink_tokens: int = 64
-    """Leading tokens always attended (rounded up to whole pages)."""
+    """Leading tokens that are always attended (rounded up to pages)."""
     recent_tokens: int = 64
-    """Trailing tokens always attended (rounded up to whole pages; the page being written is
-    always included)."""
+    """Trailing tokens that are always attended (rounded up to pages). The page being written is
+    always attended."""
     dense_layers: list[int] = [0, 1]
-    """Layer indices that always run dense (Quest keeps the first two layers dense)."""
+    """Layers that always run dense through the platform kernel (Quest keeps the first two dense).
+    Each must be a layer of the model."""
     min_context: int = 0
-    """Requests whose context is shorter than this decode dense."""
+    """Requests with a shorter context decode dense."""
     budget_allocation: Literal["uniform", "pyramid", "infscore", "headkv"] = "uniform"
-    """How the budget is spread over layers and KV heads (total preserved); infscore/headkv read
-    `head_budgets`."""
+    """How the budget is spread over (layer, KV head), total preserved: `uniform`, `pyramid`
+    (shrinks with depth, PyramidKV), `infscore` / `headkv` (from `head_budgets`). Unset: the
+    method's default (`uniform`; `pyramid` for `pyramidkv`)."""
     head_budgets: str | None = Field(default=None, validate_default=True)
-    """Path of a head-score profile (`sparsekv profile-heads`) for infscore/headkv allocation."""
+    """Head-score profile (`sparsekv profile-heads`) for `infscore` / `headkv`."""
     budget_beta: float = 1.351
-    """infscore/headkv: each head keeps 1 - 1/beta of the uniform budget; the rest is shared by score."""
+    """`infscore` / `headkv`: each head keeps `1 - 1/beta` of the uniform budget; the rest is shared
+    by score (HeadKV's split)."""
     budget_temp: float = 1.0
-    """infscore/headkv: head scores are raised to this power before sharing (sharper when > 1)."""
-    quest_group_reduce: Literal["sum", "max"] = "sum"
-    """`quest`: combine the GQA group's per-query-head bounds by `sum` (Quest's score, one fused
-    read of the bounds) or `max` (a page one query head needs wins even if the others do not;
-    torch path, no Triton kernel yet)."""
-    hash_checkpoint: str | None = None
-    """Trained hash checkpoint (`sparsekv train-hash`) for the trained-hash method."""
-    observation_window: int = 32
-    """snapkv/pyramidkv: prompt queries (the last ones) whose attention picks the kept pages."""
-    pooling_kernel: int = 7
-    """snapkv/pyramidkv: max-pooling width over tokens of the window's attention (1 = none)."""
-    hash_bits: int = 128
-    """Code length of the `hash` method (a multiple of 32, 32-256)."""
-    hash_page_reduce: Literal["max", "sum"] = "max"
-    """How the `hash` method turns token scores into a page score."""
-    hash_seed: int = 0
-    """Seed of the `hash` method's fixed random projections."""
+    """`infscore` / `headkv`: temperature that sharpens the head scores before sharing."""
     log_interval_s: float = 10.0
-    """Seconds between the sparsity log lines (0 turns them off)."""
+    """Seconds between sparsity log lines. `0` turns them off."""
     stats_file: str | None = None
-    """If set, the worker rewrites this JSON file with the sparsity counters at each log interval."""
+    """The worker rewrites this JSON file with the sparsity counters (checked every second). Its
+    directory must exist and be writable at startup."""
 
     @field_validator("method")
     @classmethod
@@ -83,20 +85,6 @@ class SparseKVConfig(BaseModel):
         if name not in available():
             raise ValueError(f"unknown method {v!r}; allowed: {', '.join(available())}")
         return name
-
-    @field_validator("hash_bits")
-    @classmethod
-    def _bits(cls, v: int) -> int:
-        if v % 32 or not 32 <= v <= 256:
-            raise ValueError(f"must be a multiple of 32 in [32, 256], got {v}")
-        return v
-
-    @field_validator("observation_window", "pooling_kernel")
-    @classmethod
-    def _at_least_one(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError(f"must be >= 1, got {v}")
-        return v
 
     @field_validator("token_budget")
     @classmethod
@@ -152,15 +140,96 @@ class SparseKVConfig(BaseModel):
                 raise ValueError(f"file not found: {v}")
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _deprecated_keys(cls, data: Any) -> Any:
+        """Old flat method keys (``quest_group_reduce``, ``hash_bits``, ...) -> the method sections
+        that declare them (``deprecated_keys`` of the method classes), with a warning naming the
+        new key. A value already given under the new key wins."""
+        if not isinstance(data, dict):
+            return data
+        from vllm_sparsekv.methods import available, get_method
+
+        names = available()
+        old = [k for k in data if k not in cls.model_fields and k not in names]
+        if not old:
+            return data
+        data = dict(data)
+        method = str(data.get("method", cls.model_fields["method"].default)).lower()
+        for key in old:
+            targets = [(n, get_method(n).deprecated_keys[key]) for n in names if key in get_method(n).deprecated_keys]
+            if not targets:
+                continue  # an unknown field: refused by _method_sections, naming it
+            value = data.pop(key)
+            for name, field in targets:
+                section = data.get(name)
+                if isinstance(section, BaseModel):
+                    section = section.model_dump(exclude_unset=True)
+                if section is None or isinstance(section, dict):
+                    data[name] = {field: value, **(section or {})}
+            shown = [t for t in targets if t[0] == method] or targets
+            new = " / ".join(f"sparsekv.{n}.{f}" for n, f in shown)
+            msg = f"sparsekv.{key} is deprecated; use {new} (e.g. {{\"{shown[0][0]}\": {{\"{shown[0][1]}\": ...}}}})"
+            warnings.warn(msg, FutureWarning, stacklevel=2)
+        return data
+
     @model_validator(mode="after")
-    def _one_budget(self) -> SparseKVConfig:
+    def _method_sections(self) -> SparseKVConfig:
+        """Every extra key must be a registered method; its value is validated by that method's
+        options model (errors located at ``<method>.<field>``)."""
+        from vllm_sparsekv.methods import available, get_method
+
+        extra = self.__pydantic_extra__ if self.__pydantic_extra__ is not None else {}
+        errors: list[InitErrorDetails] = []
+        for key, value in list(extra.items()):
+            if key not in available():
+                errors.append(InitErrorDetails(type="extra_forbidden", loc=(key,), input=value))
+                continue
+            model = get_method(key).options_model
+            if isinstance(value, model):
+                continue
+            try:
+                extra[key] = model.model_validate(value.model_dump() if isinstance(value, BaseModel) else value)
+            except ValidationError as e:
+                for d in e.errors():
+                    ctx = d.get("ctx")
+                    errors.append(InitErrorDetails(type=d["type"], loc=(key, *d["loc"]), input=d["input"],
+                                                   **({"ctx": ctx} if ctx else {})))
+        if errors:
+            raise ValidationError.from_exception_data(type(self).__name__, errors)
         if self.token_budget is not None and self.budget_fraction is not None:
             raise ValueError("set token_budget or budget_fraction, not both")
-        if self.method == "pyramidkv" and self.budget_allocation == "uniform":
-            object.__setattr__(self, "budget_allocation", "pyramid")  # PyramidKV = SnapKV + pyramid
+        default_alloc = get_method(self.method).default_allocation
+        if default_alloc and "budget_allocation" not in self.model_fields_set:
+            object.__setattr__(self, "budget_allocation", default_alloc)  # e.g. PyramidKV = SnapKV + pyramid
         if self.token_budget is None and self.budget_fraction is None:
             object.__setattr__(self, "token_budget", DEFAULT_TOKEN_BUDGET)
         return self
+
+    def options(self, method: str | None = None) -> BaseModel:
+        """The validated options of ``method`` (default: the configured one): its config section,
+        or its options model's defaults when the section is not given."""
+        from vllm_sparsekv.methods import get_method
+
+        name = (method or self.method).lower()
+        extra = self.__pydantic_extra__ or {}
+        if name in extra:
+            return extra[name]
+        return get_method(name).options_model()
+
+    def canonical(self) -> dict:
+        """The settings as a plain dict with every default filled in: the configured method's
+        options always present, other methods' sections only where they differ from their defaults.
+        Two configs with equal ``canonical()`` select and attend the same pages."""
+        from vllm_sparsekv.methods import get_method
+
+        out = {k: v for k, v in self.model_dump().items() if k in type(self).model_fields}
+        for name, opts in (self.__pydantic_extra__ or {}).items():
+            dumped = opts.model_dump()
+            if name == self.method or dumped != get_method(name).options_model().model_dump():
+                out[name] = dumped
+        out.setdefault(self.method, self.options().model_dump())
+        return out
 
     # ---- derived sizes (pages of `block_size` tokens) ------------------------------------
     def sink_pages(self, block_size: int) -> int:
@@ -171,17 +240,44 @@ class SparseKVConfig(BaseModel):
         return max(1, math.ceil(self.recent_tokens / block_size))
 
     def max_selected_pages(self, block_size: int, max_model_len: int) -> int:
-        """Static k of the selection: the most pages any (request, head) can attend."""
-        max_pages = math.ceil(max_model_len / block_size)
-        if self.method == "full":
-            return max_pages
-        forced = self.sink_pages(block_size) + self.recent_pages(block_size)
-        if self.token_budget is not None:
-            budget = math.ceil(self.token_budget / block_size)
-        else:
-            budget = math.ceil(self.budget_fraction * max_pages)
-        dense_short = math.ceil(self.min_context / block_size)
-        return min(max_pages, max(budget, forced, dense_short))
+        """Static k of the selection (see ``budgets.max_selected_pages``)."""
+        from vllm_sparsekv.budgets import max_selected_pages
+
+        return max_selected_pages(self, block_size, max_model_len)
+
+
+def _default_text(field) -> str:
+    if field.default is None:
+        return "unset"
+    return f"`{json.dumps(field.default)}`"
+
+
+def _doc(field) -> str:
+    return " ".join((field.description or "").split()).replace("|", "\\|")
+
+
+def markdown_table() -> str:
+    """The README's configuration table, generated from the models: the shared fields, then each
+    method's options (`<method>.<field>`), then the methods. `python -m vllm_sparsekv.config`
+    prints it; tests/test_config.py checks that the README lists every field."""
+    from vllm_sparsekv.methods import available, get_method
+
+    rows = ["| field | default | meaning |", "| --- | --- | --- |"]
+    for name, field in SparseKVConfig.model_fields.items():
+        rows.append(f"| `{name}` | {_default_text(field)} | {_doc(field)} |")
+    for method in available():
+        cls = get_method(method)
+        for name, field in cls.options_model.model_fields.items():
+            old = [k for k, v in cls.deprecated_keys.items() if v == name]
+            was = f" (was `{old[0]}`)" if old else ""
+            doc = _doc(field)
+            rows.append(f"| `{method}.{name}` | {_default_text(field)} | `{method}`: {doc[:1].lower()}{doc[1:]}{was} |")
+    rows.append("")
+    rows.append("Methods (`method`):")
+    rows.append("")
+    for method in available():
+        rows.append(f"- `{method}`: {get_method(method).summary}")
+    return "\n".join(rows)
 
 
 def _parse(raw: Any, source: str) -> dict:
@@ -204,15 +300,36 @@ def _parse(raw: Any, source: str) -> dict:
     raise SparseKVConfigError(f"{source}: expected a JSON object, got {type(raw).__name__}")
 
 
+def _describe(e: dict) -> str:
+    """One pydantic error -> "what is wrong" (the field is named by the caller)."""
+    msg = e["msg"].removeprefix("Value error, ")
+    loc = e["loc"]
+    if e["type"] == "extra_forbidden":
+        from vllm_sparsekv.methods import available, get_method
+
+        if len(loc) == 1:
+            allowed = ", ".join(list(SparseKVConfig.model_fields) + available())
+        else:
+            allowed = ", ".join(get_method(str(loc[0])).options_model.model_fields) or "none"
+        return f"unknown field; allowed fields: {allowed}"
+    ctx = e.get("ctx") or {}
+    for kind, op in (("greater_than_equal", ">="), ("greater_than", ">"), ("less_than_equal", "<="), ("less_than", "<")):
+        if e["type"] == kind:
+            bound = next(iter(ctx.values()), "?")
+            return f"must be {op} {bound}, got {e['input']!r}"
+    if e["type"] == "literal_error":
+        choices = re.findall(r"'([^']*)'", str(e.get("ctx", {}).get("expected", ""))) or [e.get("ctx", {}).get("expected")]
+        return f"must be one of {', '.join(map(str, choices))}, got {e['input']!r}"
+    return msg
+
+
 def _format(err: ValidationError, source: str) -> str:
-    lines = [f"invalid sparsekv configuration ({source}):"]
+    """First line: the first bad field and what is wrong with it (what a user reads first)."""
+    lines = []
     for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "(config)"
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            allowed = ", ".join(SparseKVConfig.model_fields)
-            msg = f"unknown field; allowed fields: {allowed}"
-        lines.append(f"  sparsekv.{field}: {msg}")
+        field = ".".join(str(p) for p in e["loc"])
+        lines.append(f"sparsekv{'.' + field if field else ''}: {_describe(e)}")
+    lines.append(f"(invalid sparsekv configuration in {source})")
     return "\n".join(lines)
 
 
@@ -225,13 +342,23 @@ def load_config(additional_config: dict | None = None) -> SparseKVConfig:
         sources.append(("additional_config['sparsekv']", _parse(from_args, "additional_config['sparsekv']")))
     if from_env:
         sources.append((ENV_VAR, _parse(from_env, ENV_VAR)))
-    if len(sources) == 2 and sources[0][1] != sources[1][1]:
+    configs = []
+    for source, data in sources or [("defaults", {})]:
+        try:
+            configs.append((source, SparseKVConfig(**data)))
+        except ValidationError as e:
+            raise SparseKVConfigError(_format(e, source)) from None
+    if len(configs) == 2 and configs[0][1].canonical() != configs[1][1].canonical():
+        # compared after validation: "QUEST" vs "quest", or a default written out, are the same settings
+        a, b = configs[0][1].canonical(), configs[1][1].canonical()
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
         raise SparseKVConfigError(
-            f"sparsekv settings given twice and they differ: additional_config['sparsekv']="
-            f"{sources[0][1]} vs {ENV_VAR}={sources[1][1]}; set only one"
+            f"sparsekv.{diff[0]}: the settings are given twice and differ: additional_config['sparsekv'] has "
+            + ", ".join(f"{k}={a.get(k)!r}" for k in diff) + f"; {ENV_VAR} has "
+            + ", ".join(f"{k}={b.get(k)!r}" for k in diff) + "; set only one"
         )
-    source, data = sources[0] if sources else ("defaults", {})
-    try:
-        return SparseKVConfig(**data)
-    except ValidationError as e:
-        raise SparseKVConfigError(_format(e, source)) from None
+    return configs[0][1]
+
+
+if __name__ == "__main__":
+    print(markdown_table())

@@ -6,7 +6,9 @@ How (see README, "How the plugin hooks into vLLM"):
    unpickled there before plugins load and enum members pickle by value; CUSTOM (value None)
    does, and this function re-installs the class path in each child.
 2. The platform's `check_and_update_config` is wrapped to validate the sparsekv settings and the
-   model when the engine config is created, so bad settings stop startup with a clear message.
+   model when the engine config is created, so bad settings stop startup with a clear message
+   (logged as an ERROR line naming the field before vLLM's traceback), and to warn when sparsekv
+   settings are given but another attention backend is selected.
 3. On CPU, whose platform ignores the selected backend, `get_attn_backend_cls` is wrapped to return
    ours when (and only when) it was selected; every other selection is left to vLLM.
 """
@@ -14,8 +16,10 @@ How (see README, "How the plugin hooks into vLLM"):
 from __future__ import annotations
 
 import logging
+import os
 
 from vllm_sparsekv.backend import compat
+from vllm_sparsekv.config import ENV_VAR
 
 logger = logging.getLogger("vllm.sparsekv")
 _registered = False
@@ -43,12 +47,26 @@ def _wrap_platform(platform_cls) -> None:
 
     def check_and_update_config(cls, vllm_config) -> None:
         check(cls, vllm_config)
-        if compat.is_selected(vllm_config.attention_config.backend):
+        backend = vllm_config.attention_config.backend
+        if compat.is_selected(backend):
+            from vllm_sparsekv.config import SparseKVConfigError
             from vllm_sparsekv.validate import validate_engine_config
 
-            validate_engine_config(vllm_config)
-        elif isinstance(vllm_config.additional_config, dict) and "sparsekv" in vllm_config.additional_config:
-            logger.warning("additional_config['sparsekv'] is set but --attention-backend sparsekv is not: ignored")
+            try:
+                validate_engine_config(vllm_config, getattr(cls, "device_type", None))
+            except SparseKVConfigError as e:
+                # vLLM prints a long traceback before the exception's own line: say it first
+                logger.error("%s", e)
+                raise
+            return
+        chosen = f"--attention-backend {getattr(backend, 'name', backend)}" if backend else "the platform's default backend"
+        if isinstance(vllm_config.additional_config, dict) and "sparsekv" in vllm_config.additional_config:
+            logger.warning("additional_config['sparsekv'] is set but --attention-backend sparsekv is not "
+                           "(serving with %s, dense): the sparsekv settings are ignored", chosen)
+        if os.environ.get(ENV_VAR):
+            logger.warning("%s is set but --attention-backend sparsekv is not (serving with %s, dense): "
+                           "the sparsekv settings are ignored; add --attention-backend sparsekv or unset %s",
+                           ENV_VAR, chosen, ENV_VAR)
 
     platform_cls.check_and_update_config = classmethod(check_and_update_config)
 

@@ -6,8 +6,7 @@ the method's ``PageSelector`` (``vllm_sparsekv.methods``: ``on_kv_write`` then `
 ``kernels.select_pages`` with the budget rules of the backend's metadata builder, and
 ``kernels.sparse_paged_decode`` over a paged view of the HF cache. Prefill is dense (SDPA), as in
 the backend. Because the selection code is the backend's, the two pick the same pages for the same
-queries and keys; the backend's selection rules are mirrored in ``budget_pages_for`` (keep in sync
-with ``SparseKVMetadataBuilder.build``).
+queries and keys; the per-request budget is the backend's own ``budgets.request_budget_pages``.
 
 Per prompt: prefill once (dense), take the first token from it (as vLLM does), then for each
 configuration decode greedily from a copy of the prefill cache. With ``collect_iou`` every sparse
@@ -113,17 +112,10 @@ def make_configs(methods: Sequence[str], fractions: Sequence[float] = (), token_
 
 
 def budget_pages_for(cfg, seq_len: int, block_size: int) -> int:
-    """Pages the backend grants one (request, head) (SparseKVMetadataBuilder.build)."""
-    num_pages = -(-seq_len // block_size)
-    if cfg.method == "full":
-        budget = num_pages
-    elif cfg.token_budget is not None:
-        budget = math.ceil(cfg.token_budget / block_size)
-    else:
-        budget = math.ceil(num_pages * cfg.budget_fraction)
-    if cfg.min_context and seq_len < cfg.min_context:
-        budget = num_pages
-    return budget
+    """Pages the backend grants one (request, head): ``budgets.request_budget_pages``."""
+    from vllm_sparsekv.budgets import request_budget_pages
+
+    return int(request_budget_pages(cfg, torch.tensor([seq_len]), block_size)[0])
 
 
 @dataclass

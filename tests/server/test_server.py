@@ -88,3 +88,16 @@ def test_bad_additional_config_stops_startup_naming_the_field(smollm2_path, bad,
     proc = subprocess.run(cmd, capture_output=True, text=True, env=launch.server_env(), timeout=300)
     assert proc.returncode != 0
     assert field in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-3000:]
+
+
+def test_a_bad_setting_is_named_on_the_first_error_line(smollm2_path, tmp_path):
+    """A user who types a bad value reads the field first, not at the end of vLLM's traceback."""
+    import re
+
+    cmd = launch.server_command(smollm2_path, launch.free_port(), {"token_budget": -5}, max_model_len=512)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=launch.server_env())
+    assert proc.returncode != 0
+    lines = (proc.stdout + proc.stderr).splitlines()
+    # the first ERROR log line, traceback or exception line (not warnings that mention errors)
+    first = next(ln for ln in lines if re.search(r"\sERROR\s|^Traceback|^[\w.]*(Error|Exception)\b", ln))
+    assert "sparsekv.token_budget: must be a positive number of tokens, got -5" in first, "\n".join(lines[-40:])

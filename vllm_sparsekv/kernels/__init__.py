@@ -6,10 +6,10 @@ This package never imports vLLM."""
 
 from __future__ import annotations
 
-from ._common import HAS_TRITON, use_triton
+from ._common import HAS_TRITON, mask_past_pages, num_pages, use_triton
 from .hash_codes import hash_codes_update_ref, hash_query_ref
 from .page_bounds import page_bounds_update_ref
-from .page_scores import hash_page_scores_ref, quest_page_scores_ref
+from .page_scores import hash_page_scores_ref, quest_page_scores_group_max_ref, quest_page_scores_ref
 from .page_select import select_pages_ref
 from .sparse_decode import sparse_paged_decode_ref
 
@@ -45,6 +45,12 @@ def quest_page_scores(q, bounds, block_table, seq_lens, max_pages, block_size):
     return quest_page_scores_ref(q, bounds, block_table, seq_lens, max_pages, block_size)
 
 
+def quest_page_scores_group_max(q, bounds, block_table, seq_lens, max_pages, block_size):
+    """Quest scores with the max over the GQA group instead of the sum; torch ops on every device
+    (no Triton kernel yet), so the dispatch has one branch."""
+    return quest_page_scores_group_max_ref(q, bounds, block_table, seq_lens, max_pages, block_size)
+
+
 def hash_page_scores(q_codes, codes, block_table, seq_lens, max_pages, reduce="max"):
     if use_triton(q_codes, codes):
         return hash_page_scores_triton(q_codes, codes, block_table, seq_lens, max_pages, reduce)
@@ -65,8 +71,8 @@ def sparse_paged_decode(q, key_cache, value_cache, block_table, seq_lens, page_i
 
 __all__ = [
     "HAS_TRITON",
-    "page_bounds_update", "hash_codes_update", "hash_query", "quest_page_scores", "hash_page_scores",
-    "select_pages", "sparse_paged_decode",
+    "page_bounds_update", "hash_codes_update", "hash_query", "quest_page_scores", "quest_page_scores_group_max",
+    "hash_page_scores", "select_pages", "sparse_paged_decode", "mask_past_pages", "num_pages",
     "page_bounds_update_ref", "hash_codes_update_ref", "hash_query_ref", "quest_page_scores_ref",
-    "hash_page_scores_ref", "select_pages_ref", "sparse_paged_decode_ref",
+    "quest_page_scores_group_max_ref", "hash_page_scores_ref", "select_pages_ref", "sparse_paged_decode_ref",
 ]

@@ -28,6 +28,19 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     return all(t.is_cuda for t in tensors)
 
 
+def num_pages(seq_lens: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[N] tokens -> [N] int64 pages, ceil(seq_len / block_size)."""
+    return (seq_lens.long() + block_size - 1) // block_size
+
+
+def mask_past_pages(scores: torch.Tensor, seq_lens: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[N, H, P] page scores -> the same with -inf at pages p >= ceil(seq_lens[n] / block_size)
+    (pages the request does not hold; the score ops' contract). Out of place, no host sync."""
+    p = torch.arange(scores.shape[-1], device=scores.device)
+    past = p[None, None, :] >= num_pages(seq_lens, block_size).to(scores.device)[:, None, None]
+    return scores.masked_fill(past, float("-inf"))
+
+
 def flat_slots(slot_mapping: torch.Tensor) -> torch.Tensor:
     """Slot mapping as the flat int64 vector the write-time kernels index with (vLLM passes int64,
     tests and the sweep sometimes int32 or 2-D)."""

@@ -1,7 +1,8 @@
 """Page-selection methods: one file each, all behind `PageSelector` (base.py).
 
-A method module registers its class with `@register("name")`; this package discovers the modules
-itself, so neither the config nor the backend glue names a method.
+A method module registers its class with `@register("name")`, with its settings as a
+`MethodOptions` model (`options_model`, the config section named after the method); this package
+discovers the modules itself, so neither the config nor the backend glue names a method.
 """
 
 from __future__ import annotations
@@ -9,9 +10,9 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from vllm_sparsekv.methods.base import PageSelector, register, registry
+from vllm_sparsekv.methods.base import MethodOptions, PageSelector, register, registry
 
-__all__ = ["PageSelector", "register", "available", "get_method"]
+__all__ = ["MethodOptions", "PageSelector", "register", "available", "get_method"]
 
 _loaded = False
 

@@ -4,20 +4,38 @@ One instance per attention layer. It owns the method's per-block side state (all
 layer's KV cache exists), keeps it current at every KV write, and scores a decode batch's pages.
 Selection (budget, sink and recent pages, top-k) and the sparse attention itself are shared by all
 methods and live in the backend and the kernels.
+
+A method owns its knobs: `options_model`, a `MethodOptions` subclass, is the section of the config
+named after the method (`{"method": "quest", "quest": {"group_reduce": "max"}}`); the config
+validates it through this registry and the selector reads it as `self.options`. A new method with
+knobs is one file (selector + options model) plus its tests.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
+from pydantic import BaseModel, ConfigDict
 
 registry: dict[str, type[PageSelector]] = {}
 
 
+class MethodOptions(BaseModel):
+    """A method's own settings (the config section named after the method). Subclasses declare
+    fields with a docstring each: the README's configuration table is generated from them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
 def register(name: str):
     def deco(cls: type[PageSelector]) -> type[PageSelector]:
+        fields = cls.options_model.model_fields
+        bad = [k for k, f in cls.deprecated_keys.items() if f not in fields]
+        if bad:
+            raise TypeError(f"method {name!r}: deprecated_keys {bad} name no field of {cls.options_model.__name__}")
         cls.name = name
         registry[name] = cls
         return cls
@@ -42,10 +60,21 @@ class PageSelector:
     """Base class; subclasses override what they need."""
 
     name: str = ""
+    summary: ClassVar[str] = ""
+    """One line for the README's configuration table (what the method selects)."""
+    options_model: ClassVar[type[MethodOptions]] = MethodOptions
+    """The method's settings (`config.<name>`); the base model has none."""
+    deprecated_keys: ClassVar[dict[str, str]] = {}
+    """Old flat config keys -> fields of `options_model` (accepted with a deprecation warning)."""
+    default_allocation: ClassVar[str | None] = None
+    """`budget_allocation` used when the config does not set one (e.g. PyramidKV: "pyramid")."""
     selects_all: bool = False
     """True for methods that attend to every page (no scoring, no side state)."""
     needs_prefill_queries: bool = False
     """True for methods that score pages from prefill attention (`observe_prefill` is called)."""
+    whole_model_heads: bool = False
+    """True for methods whose state is indexed by the whole model's KV heads (e.g. trained weights
+    per head), which tensor parallelism would split: refused with tensor_parallel_size > 1."""
     evicts: bool = False
     """True for eviction methods: a page's score never rises after it is written (fixed at
     prefill, or by position). With a fixed `token_budget`, a page left out at one decode step is
@@ -60,6 +89,15 @@ class PageSelector:
     def __init__(self, config, geometry: LayerGeometry):
         self.config = config
         self.geometry = geometry
+        self.options = config.options(self.name)
+        """This method's validated settings (an instance of `options_model`)."""
+
+    @classmethod
+    def validate_model(cls, config, num_layers: int, num_kv_heads: int, head_dim: int) -> None:
+        """Engine-config-time check of the method against the model (validate.py calls it in the
+        front-end process, before any worker starts). Raise ValueError with a message that starts
+        with the config field (`sparsekv.<method>.<field>: ...`) when the settings cannot serve
+        this model, e.g. a trained checkpoint whose geometry does not match. Default: nothing to check."""
 
     def side_state(self, cache_dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """The method's per-block side tensors: attribute name -> (shape of one block's entry, dtype).

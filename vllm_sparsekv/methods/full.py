@@ -5,4 +5,5 @@ from vllm_sparsekv.methods.base import PageSelector, register
 
 @register("full")
 class FullAttention(PageSelector):
+    summary = "every page, through the sparse path (our dense baseline)."
     selects_all = True

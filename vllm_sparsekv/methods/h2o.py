@@ -11,6 +11,8 @@ from vllm_sparsekv.methods.prefill_scored import PrefillScoredSelector, window_a
 
 @register("h2o")
 class H2OSelector(PrefillScoredSelector):
+    summary = ("prefill-time eviction (H2O): attention accumulated over every prompt query scores the "
+               "prompt pages once; decode attends to the best within the budget plus sink/recent pages.")
     accumulate = True
     fresh_block_score = 0.0
 

@@ -1,7 +1,7 @@
 """`hash`: training-free linear hashing (Spotlight's baseline). Keys and queries are projected by a
 fixed random matrix per (layer, KV head) and reduced to sign bits; a token's score is the Hamming
 similarity of its code to the GQA group's query codes, a page's score the max (or sum) over its
-tokens. Codes are kept per token and KV head — `hash_bits` / 8 bytes each, an eighth of a bf16 key
+tokens. Codes are kept per token and KV head — `bits` / 8 bytes each, an eighth of a bf16 key
 at 128 bits and d=128 — in a side tensor indexed by physical block, like Quest's bounds.
 
 `HashSelector` is the code path shared with the trained hash (`spotlight.py`): a hash is
@@ -11,10 +11,33 @@ are always the kernels' `hash_codes_update` / `hash_query`."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import field_validator
 
 from vllm_sparsekv import kernels
-from vllm_sparsekv.methods.base import PageSelector, register
+from vllm_sparsekv.methods.base import MethodOptions, PageSelector, register
+
+
+def check_bits(v: int | None) -> int | None:
+    if v is not None and (v % 32 or not 32 <= v <= 256):
+        raise ValueError(f"must be a multiple of 32 in [32, 256], got {v}")
+    return v
+
+
+class HashOptions(MethodOptions):
+    bits: int = 128
+    """Code length per (token, KV head), a multiple of 32 in [32, 256]."""
+    page_reduce: Literal["max", "sum"] = "max"
+    """Page score = `max` or `sum` of its tokens' Hamming similarities."""
+    seed: int = 0
+    """Seed of the fixed random projections (per layer and KV head)."""
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, v: int) -> int:
+        return check_bits(v)
 
 
 def linear_projection(num_kv_heads: int, head_size: int, bits: int, seed: int, layer: int) -> torch.Tensor:
@@ -36,7 +59,7 @@ class HashSelector(PageSelector):
 
     @property
     def bits(self) -> int:
-        return self.config.hash_bits
+        return self.options.bits
 
     def make_projections(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -60,14 +83,20 @@ class HashSelector(PageSelector):
     def score_pages(self, query, key_cache, block_table, seq_lens, max_pages):
         q_codes = kernels.hash_query(self.query_features(query), self.query_projection)
         return kernels.hash_page_scores(q_codes, self.codes, block_table, seq_lens, max_pages,
-                                        self.config.hash_page_reduce)
+                                        self.options.page_reduce)
 
 
 @register("hash")
 class LinearHashSelector(HashSelector):
+    summary = ("training-free linear hashing (Spotlight's baseline): sign bits of a fixed random projection "
+               "of keys and queries; a page scores the max (or sum) of its tokens' Hamming similarities to "
+               "the group's queries.")
+    options_model = HashOptions
+    deprecated_keys = {"hash_bits": "bits", "hash_page_reduce": "page_reduce", "hash_seed": "seed"}
+
     def make_projections(self, device):
         g = self.geometry
-        p = linear_projection(g.num_kv_heads, g.head_size, self.bits, self.config.hash_seed, g.layer).to(device)
+        p = linear_projection(g.num_kv_heads, g.head_size, self.bits, self.options.seed, g.layer).to(device)
         return p, p
 
     @property

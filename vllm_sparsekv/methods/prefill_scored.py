@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from vllm_sparsekv.kernels import mask_past_pages
 from vllm_sparsekv.methods.base import PageSelector
 
 KEY_CHUNK = 4096  # keys per step of the side pass
@@ -99,6 +100,4 @@ class PrefillScoredSelector(PageSelector):
         if bt.shape[1] < max_pages:
             bt = torch.nn.functional.pad(bt, (0, max_pages - bt.shape[1]))
         scores = self.page_scores[bt].transpose(1, 2)  # [N, Hkv, P]
-        num_pages = (seq_lens.long() + self.geometry.block_size - 1) // self.geometry.block_size
-        p = torch.arange(max_pages, device=scores.device)
-        return scores.masked_fill(p[None, None, :] >= num_pages[:, None, None], float("-inf"))
+        return mask_past_pages(scores, seq_lens, self.geometry.block_size)

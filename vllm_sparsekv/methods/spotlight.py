@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Literal
 
 import torch
+from pydantic import field_validator
 
-from vllm_sparsekv.methods.base import register
-from vllm_sparsekv.methods.hash import HashSelector
+from vllm_sparsekv.methods.base import MethodOptions, register
+from vllm_sparsekv.methods.hash import HashSelector, check_bits
 
 FORMAT = "sparsekv-spotlight-v1"
 SIDES = ("k", "q")
@@ -38,7 +40,21 @@ ACTIVATIONS = {"silu": torch.nn.functional.silu, "relu": torch.relu, "tanh": tor
 
 
 class SpotlightCheckpointError(ValueError):
-    """A missing, unreadable or mismatched `hash_checkpoint`."""
+    """A missing, unreadable or mismatched `spotlight.checkpoint`."""
+
+
+class SpotlightOptions(MethodOptions):
+    checkpoint: str | None = None
+    """Trained hash checkpoint (`sparsekv train-hash`); required."""
+    page_reduce: Literal["max", "sum"] = "max"
+    """Page score = `max` or `sum` of its tokens' Hamming similarities."""
+    bits: int | None = None
+    """Code length the checkpoint must have (unset: the checkpoint's own)."""
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, v: int | None) -> int | None:
+        return check_bits(v)
 
 
 # ------------------------------------------------------------------------ the math, shared with the trainer
@@ -80,33 +96,34 @@ def _load_cached(path: str, mtime: float) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
-        raise SpotlightCheckpointError(f"sparsekv.hash_checkpoint: cannot read {path!r}: {e}") from None
+        raise SpotlightCheckpointError(f"sparsekv.spotlight.checkpoint: cannot read {path!r}: {e}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise SpotlightCheckpointError(
-            f"sparsekv.hash_checkpoint: {path!r} is not a `sparsekv train-hash` checkpoint (format {FORMAT})")
+            f"sparsekv.spotlight.checkpoint: {path!r} is not a `sparsekv train-hash` checkpoint (format {FORMAT})")
     return ckpt
 
 
 def load_checkpoint(path: str | None) -> dict:
     if not path:
         raise SpotlightCheckpointError(
-            "sparsekv.hash_checkpoint: method 'spotlight' needs a trained hash checkpoint; "
-            "make one with `sparsekv train-hash MODEL --out CKPT` and set hash_checkpoint to its path")
+            "sparsekv.spotlight.checkpoint: method 'spotlight' needs a trained hash checkpoint; "
+            "make one with `sparsekv train-hash MODEL --out CKPT` and set "
+            '{"spotlight": {"checkpoint": PATH}}')
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.isfile(path):
-        raise SpotlightCheckpointError(f"sparsekv.hash_checkpoint: file not found: {path!r}")
+        raise SpotlightCheckpointError(f"sparsekv.spotlight.checkpoint: file not found: {path!r}")
     return _load_cached(path, os.path.getmtime(path))
 
 
-def check_geometry(ckpt: dict, config, *, num_layers: int | None = None, num_kv_heads: int | None = None,
+def check_geometry(ckpt: dict, bits: int | None = None, *, num_layers: int | None = None, num_kv_heads: int | None = None,
                    head_dim: int | None = None, layers=None, path: str = "") -> None:
     """Raise SpotlightCheckpointError listing every way the checkpoint does not fit the model."""
     bad = []
     for name, want in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
         if want is not None and int(ckpt[name]) != int(want):
             bad.append(f"{name}: checkpoint {ckpt[name]}, model {want}")
-    if "hash_bits" in config.model_fields_set and int(config.hash_bits) != int(ckpt["hash_bits"]):
-        bad.append(f"hash_bits: checkpoint {ckpt['hash_bits']}, sparsekv.hash_bits {config.hash_bits}")
+    if bits is not None and int(bits) != int(ckpt["hash_bits"]):
+        bad.append(f"hash_bits: checkpoint {ckpt['hash_bits']}, sparsekv.spotlight.bits {bits}")
     if layers is not None and not bad:  # (a wrong geometry already says it all)
         missing = sorted(set(layers) - set(int(k) for k in ckpt["layers"]))
         if missing:
@@ -114,7 +131,7 @@ def check_geometry(ckpt: dict, config, *, num_layers: int | None = None, num_kv_
                        "finish `sparsekv train-hash`, it resumes, or add them to dense_layers)")
     if bad:
         raise SpotlightCheckpointError(
-            f"sparsekv.hash_checkpoint {path or ''} (trained for {ckpt.get('model')!r}) does not match this model:\n  - "
+            f"sparsekv.spotlight.checkpoint {path or ''} (trained for {ckpt.get('model')!r}) does not match this model:\n  - "
             + "\n  - ".join(bad))
 
 
@@ -122,14 +139,21 @@ def check_geometry(ckpt: dict, config, *, num_layers: int | None = None, num_kv_
 class SpotlightSelector(HashSelector):
     """Trained (MLP) hashing; codes stored and scored exactly like `hash`."""
 
+    summary = ("Spotlight's trained hash (an MLP per layer and KV head, `sparsekv train-hash`), scored "
+               "like `hash`.")
+    options_model = SpotlightOptions
+    deprecated_keys = {"hash_checkpoint": "checkpoint", "hash_page_reduce": "page_reduce", "hash_bits": "bits"}
+    whole_model_heads = True  # trained weights per KV head of the whole model
+
     def __init__(self, config, geometry):
         super().__init__(config, geometry)
-        ckpt = load_checkpoint(config.hash_checkpoint)
-        check_geometry(ckpt, config, num_kv_heads=geometry.num_kv_heads, head_dim=geometry.head_size,
-                       layers=[geometry.layer], path=config.hash_checkpoint)
+        path = self.options.checkpoint
+        ckpt = load_checkpoint(path)
+        check_geometry(ckpt, self.options.bits, num_kv_heads=geometry.num_kv_heads, head_dim=geometry.head_size,
+                       layers=[geometry.layer], path=path)
         if geometry.layer >= int(ckpt["num_layers"]):
             raise SpotlightCheckpointError(
-                f"sparsekv.hash_checkpoint: layer {geometry.layer} but the checkpoint has {ckpt['num_layers']} layers")
+                f"sparsekv.spotlight.checkpoint: layer {geometry.layer} but the checkpoint has {ckpt['num_layers']} layers")
         self.activation = ckpt.get("activation", "silu")
         self._bits = int(ckpt["hash_bits"])
         self.params = {k: v.float() for k, v in ckpt["layers"][int(geometry.layer)].items()}
@@ -137,10 +161,11 @@ class SpotlightSelector(HashSelector):
     @classmethod
     def validate_model(cls, config, num_layers: int, num_kv_heads: int, head_dim: int) -> None:
         """Engine-config time check (validate.py): the checkpoint exists and fits the model."""
-        ckpt = load_checkpoint(config.hash_checkpoint)
+        opts = config.options(cls.name)
+        ckpt = load_checkpoint(opts.checkpoint)
         sparse = [i for i in range(num_layers) if i not in set(config.dense_layers)]
-        check_geometry(ckpt, config, num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim,
-                       layers=sparse, path=config.hash_checkpoint)
+        check_geometry(ckpt, opts.bits, num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                       layers=sparse, path=opts.checkpoint)
 
     @property
     def bits(self) -> int:

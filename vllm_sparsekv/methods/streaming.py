@@ -9,19 +9,21 @@ from __future__ import annotations
 
 import torch
 
+from vllm_sparsekv.kernels import mask_past_pages
 from vllm_sparsekv.methods.base import PageSelector, register
 
 
 def position_scores(seq_lens: torch.Tensor, block_size: int, num_kv_heads: int, max_pages: int) -> torch.Tensor:
     """[N] lengths -> [N, Hkv, max_pages] float32: the page index (later is better), -inf past the end."""
     pages = torch.arange(max_pages, device=seq_lens.device, dtype=torch.float32)
-    num_pages = (seq_lens.to(torch.int64) + block_size - 1) // block_size
-    s = torch.where(pages[None, :] < num_pages[:, None], pages[None, :], float("-inf"))
-    return s[:, None, :].expand(-1, num_kv_heads, -1).contiguous()
+    s = pages[None, None, :].expand(seq_lens.shape[0], num_kv_heads, max_pages)
+    return mask_past_pages(s, seq_lens, block_size)
 
 
 @register("streaming")
 class StreamingSelector(PageSelector):
+    summary = "StreamingLLM: sink pages plus the most recent pages."
     evicts = True
+
     def score_pages(self, query, key_cache, block_table, seq_lens, max_pages):
         return position_scores(seq_lens, self.geometry.block_size, self.geometry.num_kv_heads, max_pages)
