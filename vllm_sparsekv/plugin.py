@@ -44,9 +44,12 @@ def _wrap_platform(platform_cls) -> None:
     def check_and_update_config(cls, vllm_config) -> None:
         check(cls, vllm_config)
         if compat.is_selected(vllm_config.attention_config.backend):
+            from vllm_sparsekv.defaults import apply_block_size, warn_budget
             from vllm_sparsekv.validate import validate_engine_config
 
+            apply_block_size(vllm_config)  # before the checks, which read the block size
             validate_engine_config(vllm_config)
+            warn_budget(vllm_config)
         elif isinstance(vllm_config.additional_config, dict) and "sparsekv" in vllm_config.additional_config:
             logger.warning("additional_config['sparsekv'] is set but --attention-backend sparsekv is not: ignored")
 

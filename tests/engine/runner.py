@@ -48,13 +48,21 @@ def main() -> None:
     from vllm_sparsekv import stats
 
     backends = sorted(set(llm.collective_rpc(_backend_names)[0]))
-    print("RESULT " + json.dumps({"results": results, "stats": stats.collect(llm)[0], "backends": backends}))
+    block_sizes = sorted(set(llm.collective_rpc(_block_sizes)[0]))
+    print("RESULT " + json.dumps({"results": results, "stats": stats.collect(llm)[0], "backends": backends,
+                                  "block_sizes": block_sizes}))
 
 
 def _backend_names(worker) -> list[str]:
     """Which backend classes the worker's attention groups really run (logs do not say on CPU)."""
     runner = getattr(worker, "model_runner", None) or worker.worker.model_runner
     return [g.backend.__name__ for groups in runner.attn_groups for g in groups]
+
+
+def _block_sizes(worker) -> list[int]:
+    """The page size of the worker's KV cache, as its attention groups hold it."""
+    runner = getattr(worker, "model_runner", None) or worker.worker.model_runner
+    return [g.kv_cache_spec.block_size for groups in runner.attn_groups for g in groups]
 
 
 if __name__ == "__main__":
