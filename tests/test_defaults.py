@@ -85,7 +85,7 @@ def test_fraction_that_selects_nothing_below_2k_warns_naming_the_setting():
 
 def test_token_budget_of_only_sink_and_recent_warns():
     msg = budget_warning(cfg(token_budget=128, sink_tokens=32, recent_tokens=32), block_size=128, max_model_len=2048)
-    assert msg is not None and "sparsekv.token_budget=128" in msg and "every context" in msg
+    assert msg is not None and "sparsekv.token_budget=128" in msg and "every context of 257 tokens or more" in msg
     # one page more than forced is enough: at 32-token pages, forced = 2 + 2 pages
     assert budget_warning(cfg(token_budget=128), block_size=32, max_model_len=8192) is not None
     assert budget_warning(cfg(token_budget=129), block_size=32, max_model_len=8192) is None

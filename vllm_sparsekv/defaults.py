@@ -80,8 +80,10 @@ def budget_warning(cfg, block_size: int, max_model_len: int) -> str | None:
     sink, recent = cfg.sink_pages(block_size), cfg.recent_pages(block_size)
     setting = (f"token_budget={cfg.token_budget}" if cfg.token_budget is not None
                else f"budget_fraction={cfg.budget_fraction}")
-    where = ("for every context" if cfg.token_budget is not None
-             else f"for contexts up to {upto} tokens ({100 * upto / max_model_len:.0f}% of max_model_len={max_model_len})")
+    if cfg.token_budget is not None:
+        where = f"for every context of {max((sink + recent) * block_size + 1, cfg.min_context)} tokens or more"
+    else:
+        where = f"for contexts up to {upto} tokens ({100 * upto / max_model_len:.0f}% of max_model_len={max_model_len})"
     return (f"sparsekv.{setting} leaves no selectable page beyond sink ({cfg.sink_tokens} tokens = {_pages(sink)}) "
             f"and recent ({cfg.recent_tokens} tokens = {_pages(recent)}) at block size {block_size} "
             f"{where}: decode there reads only those pages, whatever method={cfg.method!r} scores. "
