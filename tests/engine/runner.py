@@ -3,7 +3,7 @@
 The engine tests start one subprocess per configuration (stock CPU attention, sparsekv full,
 quest...), so each engine is isolated and the comparisons are made on identical prompts.
 Usage: python runner.py SPEC_JSON  (spec: model, backend, sparsekv, prompts, max_tokens,
-prefix_caching, mode = "batch" | "sequential", max_model_len, env)
+prefix_caching, mode = "batch" | "sequential", max_model_len, block_size, env)
 """
 
 import json
@@ -26,6 +26,8 @@ def main() -> None:
         max_model_len=spec.get("max_model_len", 4096), enable_prefix_caching=spec.get("prefix_caching", False),
         seed=0,
     )
+    if spec.get("block_size"):
+        kw["block_size"] = spec["block_size"]
     if spec.get("max_num_batched_tokens"):
         kw["max_num_batched_tokens"] = spec["max_num_batched_tokens"]
     if spec["backend"] != "stock":
