@@ -71,7 +71,7 @@ def part_agree(report):
     from transformers import AutoTokenizer
 
     from tests.engine.harness import LOGPROB_TOL, NEAR_TIE, assert_same_greedy, run_engine
-    from vllm_sparsekv.eval.passkey import passkey_prompt
+    from sparsekv_eval.passkey import passkey_prompt
     from vllm_sparsekv.models import ensure_model
 
     model = str(ensure_model("smollm2"))

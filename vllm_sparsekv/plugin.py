@@ -50,14 +50,17 @@ def _wrap_platform(platform_cls) -> None:
         backend = vllm_config.attention_config.backend
         if compat.is_selected(backend):
             from vllm_sparsekv.config import SparseKVConfigError
+            from vllm_sparsekv.defaults import apply_block_size, warn_budget
             from vllm_sparsekv.validate import validate_engine_config
 
+            apply_block_size(vllm_config)  # before the checks, which read the block size
             try:
                 validate_engine_config(vllm_config, getattr(cls, "device_type", None))
             except SparseKVConfigError as e:
                 # vLLM prints a long traceback before the exception's own line: say it first
                 logger.error("%s", e)
                 raise
+            warn_budget(vllm_config)
             return
         chosen = f"--attention-backend {getattr(backend, 'name', backend)}" if backend else "the platform's default backend"
         if isinstance(vllm_config.additional_config, dict) and "sparsekv" in vllm_config.additional_config:

@@ -3,7 +3,7 @@
 The engine tests start one subprocess per configuration (stock CPU attention, sparsekv full,
 quest...), so each engine is isolated and the comparisons are made on identical prompts.
 Usage: python runner.py SPEC_JSON  (spec: model, backend, sparsekv, prompts, max_tokens,
-prefix_caching, mode = "batch" | "sequential", max_model_len, env)
+prefix_caching, mode = "batch" | "sequential", max_model_len, block_size, env)
 On CUDA (SPARSEKV_TEST_DEVICE=cuda, as benchmarks/gpu_e2e.py runs these tests on the GPU machine)
 the engine runs in float16 with CUDA graphs (FULL decode graphs), as users run it.
 """
@@ -36,6 +36,8 @@ def main() -> None:
         max_model_len=spec.get("max_model_len", 4096), enable_prefix_caching=spec.get("prefix_caching", False),
         seed=0,
     )
+    if spec.get("block_size"):
+        kw["block_size"] = spec["block_size"]
     if spec.get("max_num_batched_tokens"):
         kw["max_num_batched_tokens"] = spec["max_num_batched_tokens"]
     if spec["backend"] != "stock":
@@ -58,13 +60,21 @@ def main() -> None:
     from vllm_sparsekv import stats
 
     backends = sorted(set(llm.collective_rpc(_backend_names)[0]))
-    print("RESULT " + json.dumps({"results": results, "stats": stats.collect(llm)[0], "backends": backends}))
+    block_sizes = sorted(set(llm.collective_rpc(_block_sizes)[0]))
+    print("RESULT " + json.dumps({"results": results, "stats": stats.collect(llm)[0], "backends": backends,
+                                  "block_sizes": block_sizes}))
 
 
 def _backend_names(worker) -> list[str]:
     """Which backend classes the worker's attention groups really run (logs do not say on CPU)."""
     runner = getattr(worker, "model_runner", None) or worker.worker.model_runner
     return [g.backend.__name__ for groups in runner.attn_groups for g in groups]
+
+
+def _block_sizes(worker) -> list[int]:
+    """The page size of the worker's KV cache, as its attention groups hold it."""
+    runner = getattr(worker, "model_runner", None) or worker.worker.model_runner
+    return [g.kv_cache_spec.block_size for groups in runner.attn_groups for g in groups]
 
 
 if __name__ == "__main__":

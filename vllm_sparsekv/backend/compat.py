@@ -206,3 +206,35 @@ def layer_index(layer_name: str) -> int:
     from vllm.model_executor.models.utils import extract_layer_index
 
     return extract_layer_index(layer_name)
+
+
+# ---- sparsekv's page size when --block-size is not set (issue 13) --------------------------------
+CPU_BLOCK_SIZE = 32  # CPU attention needs a multiple of 32; why 32: README "Configuration"
+VLLM_CPU_BLOCK_SIZE = 128  # what vLLM picks on CPU when --block-size is unset
+
+
+def block_size_unset(cache_config) -> bool:
+    """True when the user did not pass --block-size. vllm-cpu 0.32 and vllm 0.33 record it in
+    `CacheConfig.user_specified_block_size` (block_size=None is filled with 16 by the model
+    validator; 0.32's CpuPlatform.check_and_update_config then sets 128, 0.33's worker-side
+    `update_block_size_for_backend` picks the backend's preferred size, 128 on CPU)."""
+    return cache_config is not None and not getattr(cache_config, "user_specified_block_size", True)
+
+
+def apply_default_block_size(vllm_config) -> int | None:
+    """When --block-size is unset, give sparsekv its page size: 32 on CPU. CUDA keeps vLLM's 16
+    (the size the GPU quality sweeps use), so nothing changes there. Returns the size set, or None.
+
+    The size is then marked as chosen (`user_specified_block_size`), so that vLLM neither resets it
+    when check_and_update_config reruns (it does on every VllmConfig) nor re-picks it in the worker
+    (0.33's `update_block_size_for_backend` replaces any size not user-specified)."""
+    from vllm.platforms import current_platform
+
+    cache = vllm_config.cache_config
+    if not block_size_unset(cache) or not current_platform.is_cpu():
+        return None
+    if getattr(cache, "prefix_match_unit", None) is not None:  # the user chose a granularity
+        return None
+    cache.block_size = CPU_BLOCK_SIZE
+    cache.user_specified_block_size = True
+    return CPU_BLOCK_SIZE
