@@ -110,12 +110,17 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--commit", default=os.environ.get("SPARSEKV_COMMIT", "unknown"))
     ap.add_argument("--timeout", type=int, default=900)
+    ap.add_argument("--merge", nargs="+", default=None,
+                    help="combine the rows of earlier result files (runs of disjoint configurations on the "
+                         "same machine) into one file, ratios recomputed")
     ap.add_argument("--run", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--dummy", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.run:
         run_config(a)
         return 0
+    if a.merge:
+        return merge(a)
     import torch
     import vllm
 
@@ -152,6 +157,32 @@ def main() -> int:
     print_table(table)
     plot(table, out / f"e2e_decode_{tag}.png")
     return 0 if not failures else 1
+
+
+def merge(a) -> int:
+    docs = [json.loads(Path(f).read_text()) for f in a.merge]
+    rows = rescore([r for d in docs for r in d["rows"]])
+    tag = re.sub(r"[^A-Za-z0-9]+", "_", docs[0]["device"]).strip("_")
+    doc = {**docs[0], "rows": rows, "failures": {},
+           "runs": [{k: d.get(k) for k in ("command", "commit", "vllm", "torch", "failures")} for d in docs]}
+    doc["command"] = " + ".join(d["command"] for d in docs)
+    out = Path(a.out)
+    (out / f"e2e_decode_{tag}.json").write_text(json.dumps(doc, indent=1))
+    print_table(rows)
+    plot(rows, out / f"e2e_decode_{tag}.png")
+    return 0
+
+
+def rescore(rows: list[dict]) -> list[dict]:
+    """Ratios of every row against the dense rows of the same (batch, context)."""
+    dense = {(r["backend"], r["batch"], r["context"]): r for r in rows if r["method"] is None}
+    for r in rows:
+        fa3 = dense.get(("FLASH_ATTN", r["batch"], r["context"]))
+        tri = dense.get(("TRITON_ATTN", r["batch"], r["context"]))
+        r["speedup_vs_fa3"] = round(r["decode_tok_s"] / fa3["decode_tok_s"], 3) if fa3 else None
+        r["speedup_vs_triton"] = round(r["decode_tok_s"] / tri["decode_tok_s"], 3) if tri else None
+        r["ttft_vs_fa3"] = round(r["ttft_s"] / fa3["ttft_s"], 3) if fa3 else None
+    return rows
 
 
 def build_rows(raw: list[dict]) -> list[dict]:

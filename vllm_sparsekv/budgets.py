@@ -99,6 +99,32 @@ def request_budget_pages(config, seq_lens: torch.Tensor, block_size: int, select
     return out
 
 
+def decode_page_counts(config, seq_lens: torch.Tensor, block_size: int, num_kv_heads: int, num_layers: int,
+                       k_max: int, selects_all: bool | None = None, weights: torch.Tensor | None = None,
+                       layer_k_max: list[int] | None = None) -> tuple[int, int, int]:
+    """(attended, held, rows) pages of one decode step over `num_layers` sparse layers, by the
+    selection's own rule k = min(max(budget, sink + recent), pages, k_max) per (request, layer,
+    KV head): what `select_pages` returns as num_selected, computed on the host from the host's
+    sequence lengths (the sparsity counters: no device op, no sync). `weights` [num_layers, Hkv]
+    float32 (non-uniform allocations) multiply the budget as the builder does, each layer capped
+    by its `layer_k_max`. Rows with no page (padding of a captured batch) count nowhere."""
+    lens = seq_lens.to(torch.int64)
+    npg = (lens + block_size - 1) // block_size
+    lens, npg = lens[npg > 0], npg[npg > 0]
+    if not npg.numel():
+        return 0, 0, 0
+    budget = request_budget_pages(config, lens, block_size, selects_all).to(torch.int64)
+    forced = npg.clamp(max=config.sink_pages(block_size) + config.recent_pages(block_size))
+    if weights is None:
+        k = torch.minimum(torch.maximum(budget, forced), npg).clamp(max=k_max)
+        attended = int(k.sum()) * num_kv_heads * num_layers
+    else:
+        per_head = torch.round(budget.to(torch.float32)[None, :, None] * weights[:, None, :]).to(torch.int64)
+        k = torch.minimum(torch.maximum(per_head, forced[None, :, None]), npg[None, :, None])
+        attended = int(torch.minimum(k, torch.tensor(layer_k_max)[:, None, None]).sum())
+    return attended, int(npg.sum()) * num_kv_heads * num_layers, int(npg.numel()) * num_layers
+
+
 def max_selected_pages(config, block_size: int, max_model_len: int, selects_all: bool | None = None) -> int:
     """Static k of the selection: the most pages any (request, KV head) can attend under
     `request_budget_pages` (before per-head multipliers), capped by max_model_len's pages; never

@@ -184,8 +184,7 @@ def layer_kv_cache(layer) -> torch.Tensor:
 def host_seq_lens(cam):
     """The batch's sequence lengths on the host without a device sync, or None: vLLM's upper
     bound, which is exact for plain decode (it differs only under speculative decoding)."""
-    lens = getattr(cam, "seq_lens_cpu_upper_bound", None)
-    return None if lens is None else lens.numpy() if isinstance(lens, torch.Tensor) else lens
+    return getattr(cam, "seq_lens_cpu_upper_bound", None)
 
 
 def attention_enum():

@@ -28,8 +28,6 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
-import numpy as np
-
 from vllm_sparsekv import budgets, kernels, stats
 from vllm_sparsekv.backend import compat
 from vllm_sparsekv.config import load_config
@@ -204,7 +202,7 @@ class SparseKVMetadataBuilder(AttentionMetadataBuilder[SparseKVMetadata]):
         self.needs_prefill_queries = method.needs_prefill_queries
         self.selects_all = method.selects_all
         num_layers = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
-        self.k_max = cfg.max_selected_pages(bs, self.max_model_len)
+        self.k_max = budgets.max_selected_pages(cfg, bs, self.max_model_len, self.selects_all)
         weights = budgets.layer_head_weights(cfg, num_layers, self.num_kv_heads, bs)
         sparse_w = weights[self.sparse_layers] if self.sparse_layers else torch.ones(0, self.num_kv_heads)
         uniform = self.selects_all or bool((sparse_w == 1).all())
@@ -213,7 +211,7 @@ class SparseKVMetadataBuilder(AttentionMetadataBuilder[SparseKVMetadata]):
         self.layer_k_max = [min(math.ceil(self.max_model_len / bs), math.ceil(self.k_max * max(1.0, float(w.max()))))
                             for w in sparse_w]
         self.layer_weights = None if uniform else sparse_w.to(device=device, dtype=torch.float32)
-        self._host_weights = None if uniform else sparse_w.double().numpy()
+        self._host_weights = None if uniform else sparse_w.to(torch.float32)
         compilation = vllm_config.compilation_config
         max_reqs = max(vllm_config.scheduler_config.max_num_seqs, compilation.max_cudagraph_capture_size or 0)
         self._seq_lens = torch.zeros(max_reqs, dtype=torch.int32, device=device)
@@ -257,15 +255,7 @@ class SparseKVMetadataBuilder(AttentionMetadataBuilder[SparseKVMetadata]):
         seq_lens.copy_(cam.seq_lens[:nd], non_blocking=True)
         num_pages = self._num_pages[:nd]
         torch.floor_divide(seq_lens + (bs - 1), bs, out=num_pages)
-        budget = self._budget[:nd]
-        if self.selects_all:
-            budget.copy_(num_pages[:, None])
-        elif cfg.token_budget is not None:
-            budget.fill_(math.ceil(cfg.token_budget / bs))
-        else:
-            budget.copy_(torch.ceil(num_pages.to(torch.float32) * cfg.budget_fraction)[:, None])
-        if cfg.min_context:
-            budget.copy_(torch.where((seq_lens < cfg.min_context)[:, None], num_pages[:, None], budget))
+        budget = budgets.request_budget_pages(cfg, seq_lens, bs, self.selects_all, out=self._budget[:nd])
         layer_budget = None
         if self._layer_budget is not None and nd:
             layer_budget = self._layer_budget[:, :nd]
@@ -307,37 +297,12 @@ class SparseKVMetadataBuilder(AttentionMetadataBuilder[SparseKVMetadata]):
         )
 
     def _count(self, cam: CommonAttentionMetadata, nd: int) -> None:
-        """The step's sparsity counters from the host's sequence lengths, by the selection's own
-        rule (k = min(max(budget, sink + recent), pages, k_max) per layer and head): plain host
-        arithmetic, no device op, no sync, nothing for a graph to capture."""
+        """The step's sparsity counters, on the host (`budgets.decode_page_counts`)."""
         lens = compat.host_seq_lens(cam)
-        if lens is None:
-            return
-        cfg, bs, h = self.config, self.block_size, self.num_kv_heads
-        lens = np.asarray(lens[:nd], dtype=np.int64)
-        npg = (lens + bs - 1) // bs
-        live = npg > 0  # padded rows of a captured batch hold nothing
-        npg = npg[live]
-        if not npg.size:
-            return
-        if self.selects_all:
-            budget = npg
-        elif cfg.token_budget is not None:
-            budget = np.full_like(npg, math.ceil(cfg.token_budget / bs))
-        else:
-            budget = np.ceil(npg * cfg.budget_fraction).astype(np.int64)
-        if cfg.min_context:
-            budget = np.where(lens[live] < cfg.min_context, npg, budget)
-        forced = np.minimum(npg, cfg.sink_pages(bs) + cfg.recent_pages(bs))
-        layers = len(self.sparse_layers)
-        if self._host_weights is None:
-            k = np.minimum(np.minimum(np.maximum(budget, forced), npg), self.k_max)
-            attended = int(k.sum()) * h * layers
-        else:
-            per_head = np.round(budget[None, :, None] * self._host_weights[:, None, :])  # [L, n, H]
-            k = np.minimum(np.maximum(per_head, forced[None, :, None]), npg[None, :, None])
-            attended = int(np.minimum(k, np.asarray(self.layer_k_max)[:, None, None]).sum())
-        stats.add(attended, int(npg.sum()) * h * layers, int(npg.size) * layers)
+        if lens is not None:
+            stats.add(*budgets.decode_page_counts(
+                self.config, torch.as_tensor(lens[:nd]), self.block_size, self.num_kv_heads,
+                len(self.sparse_layers), self.k_max, self.selects_all, self._host_weights, self.layer_k_max))
 
     def _fill_all_pages(self, num_pages: torch.Tensor, max_pages: int) -> torch.Tensor:
         """Page ids 0..num_pages-1 per request (-1 after) in the persistent buffer, as a
