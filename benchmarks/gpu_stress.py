@@ -70,7 +70,7 @@ def main() -> int:
     sp = SamplingParams(temperature=0.0, max_tokens=a.max_tokens, ignore_eos=True, detokenize=False)
     steps, done, aborted, preemptions, errors = 0, {}, set(), 0, []
     t0 = time.time()
-    max_running = 0
+    max_in_flight = 0
     while pending or engine.has_unfinished_requests():
         # keep feeding requests over time so prefill chunks mix with running decodes
         for _ in range(min(len(pending), rng.randrange(0, 4))):
@@ -88,8 +88,8 @@ def main() -> int:
                 done[o.request_id] = len(o.outputs[0].token_ids)
                 if o.metrics is not None:
                     preemptions += o.metrics.num_preemptions
-        running = [r for r in want if r not in done and r not in aborted]
-        max_running = max(max_running, len(running))
+        running = [r for r in want if r not in done and r not in aborted]  # added, not finished
+        max_in_flight = max(max_in_flight, len(running))
         if running and rng.random() < 0.02:  # abort one request mid-flight
             victim = rng.choice(running)
             engine.abort_request([victim])
@@ -105,7 +105,7 @@ def main() -> int:
     result = {
         "config": json.loads(a.sparsekv) if a.sparsekv else "dense", "eager": a.eager, "seed": seed, "steps": steps,
         "requests": len(want), "finished": len(done), "aborted": len(aborted), "lost": lost[:10],
-        "num_lost": len(lost), "preemptions": preemptions, "max_running": max_running, "errors": errors,
+        "num_lost": len(lost), "preemptions": preemptions, "max_in_flight": max_in_flight, "errors": errors,
         "cudagraphs_captured": compilation_counter.num_cudagraph_captured, "wall_s": round(time.time() - t0, 1),
     }
     if a.sparsekv is not None:

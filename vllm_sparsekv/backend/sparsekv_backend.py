@@ -11,6 +11,8 @@ The glue names no method: `methods.get_method(config.method)` supplies the selec
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -33,6 +35,8 @@ from vllm_sparsekv.backend import compat
 from vllm_sparsekv.config import load_config
 from vllm_sparsekv.methods import get_method
 from vllm_sparsekv.methods.base import LayerGeometry
+
+logger = logging.getLogger("vllm.sparsekv")
 
 
 class SparseKVBackend(AttentionBackend):
@@ -327,6 +331,16 @@ class SparseKVMetadataBuilder(AttentionMetadataBuilder[SparseKVMetadata]):
         return md
 
 
+@functools.cache
+def _log_placement(in_page: bool, side_bytes: int, num_blocks: int) -> None:
+    """Once per process and cache size: where the page summaries live, so a server log shows it."""
+    if side_bytes:
+        where = ("in the padded tail of each KV page (counted by vLLM's KV-cache sizing)" if in_page else
+                 "in tensors of their own, beside the KV cache (not counted by vLLM's KV-cache sizing)")
+        logger.info("sparsekv: page summaries, %d bytes per block and layer for %d blocks, %s",
+                    side_bytes, num_blocks, where)
+
+
 class SparseKVImpl(AttentionImpl):
     def __init__(
         self,
@@ -402,6 +416,7 @@ class SparseKVImpl(AttentionImpl):
             self.selector.allocate(kv_cache.shape[0], kv_cache.dtype, kv_cache.device)
         else:
             self.selector.bind(side, kv_cache.device)
+        _log_placement(side is not None, self.selector.side_bytes_per_block(kv_cache.dtype), kv_cache.shape[0])
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         self.dense.do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
