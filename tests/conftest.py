@@ -18,6 +18,25 @@ def seed_gen(request):
     return torch.Generator().manual_seed(seed)
 
 
+@pytest.fixture
+def sparsekv_records():
+    """Records of the "vllm.sparsekv" logger at DEBUG and above (vLLM's own logging may stop them
+    reaching the root), with the once-per-process-tree startup line re-armed."""
+    import logging
+
+    got = []
+    handler = logging.Handler()
+    handler.emit = got.append
+    log = logging.getLogger("vllm.sparsekv")
+    old = log.level
+    log.addHandler(handler)
+    os.environ.pop("SPARSEKV_STARTUP_LINE", None)
+    log.setLevel(logging.DEBUG)
+    yield got
+    log.removeHandler(handler)
+    log.setLevel(old)
+
+
 @pytest.fixture(scope="session")
 def smollm2_path() -> str:
     """The converted SmolLM2-135M-Instruct folder (scripts/setup.sh makes it; made here if missing)."""

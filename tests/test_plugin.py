@@ -72,10 +72,8 @@ def test_selection_survives_pickling_into_a_fresh_process(enum):
 
 
 @pytest.fixture
-def fake_platform(enum):
+def fake_platform(enum, sparsekv_records):
     """A platform class whose own check does nothing, wrapped like the real one."""
-    import logging
-
     from vllm_sparsekv.plugin import _wrap_platform
 
     class Platform:
@@ -86,17 +84,7 @@ def fake_platform(enum):
             vllm_config.checked = True
 
     _wrap_platform(Platform)
-    got = []
-    handler = logging.Handler()
-    handler.emit = got.append
-    log = logging.getLogger("vllm.sparsekv")
-    old = log.level
-    log.addHandler(handler)
-    os.environ.pop("SPARSEKV_STARTUP_LINE", None)  # the startup line is logged once per config and process tree
-    log.setLevel(logging.INFO)
-    yield Platform, got
-    log.removeHandler(handler)
-    log.setLevel(old)
+    yield Platform, sparsekv_records
 
 
 def _vllm_config(backend, sparsekv=None):

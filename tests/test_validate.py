@@ -26,19 +26,8 @@ def engine(sparsekv=None, window=None, mla=False, enc_dec=False, cache_dtype="au
 
 
 @pytest.fixture
-def records():
-    """Records of the "vllm.sparsekv" logger (vLLM's own logging may stop it reaching the root)."""
-    got = []
-    handler = logging.Handler()
-    handler.emit = got.append
-    log = logging.getLogger("vllm.sparsekv")
-    old = log.level
-    log.addHandler(handler)
-    os.environ.pop("SPARSEKV_STARTUP_LINE", None)  # the startup line is logged once per config and process tree
-    log.setLevel(logging.DEBUG)
-    yield got
-    log.removeHandler(handler)
-    log.setLevel(old)
+def records(sparsekv_records):
+    return sparsekv_records
 
 
 def test_a_plain_gqa_model_passes_and_logs_what_will_run(records):

@@ -120,14 +120,21 @@ def check_cache_layout(dense_impl, layer, kv_cache: torch.Tensor, head_size: int
     value = torch.randn(tokens, heads, head_size, generator=gen).to(kv_cache.dtype).to(kv_cache.device)
     slots = torch.arange(tokens, dtype=torch.int64, device=kv_cache.device) + block_size
     dense_impl.do_kv_cache_update(layer, key, value, scratch, slots)
-    key_cache, value_cache = split_kv_cache(scratch, head_size)
-    got_k = key_cache.reshape(-1, heads, head_size)[block_size : block_size + tokens]
-    got_v = value_cache.reshape(-1, heads, head_size)[block_size : block_size + tokens]
-    if not (torch.equal(got_k, key) and torch.equal(got_v, value)):
+    if not _reads_back(scratch, key, value, head_size, block_size):
         raise RuntimeError(
             f"sparsekv: the KV-cache layout written by {type(dense_impl).__name__} is not the one this "
             "plugin reads; this vLLM version is not supported with --attention-backend sparsekv"
         )
+
+
+def _reads_back(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, head_size: int,
+                first_slot: int) -> bool:
+    """Whether `split_kv_cache` reads back exactly the keys/values written at slots first_slot.."""
+    tokens, heads = key.shape[:2]
+    key_cache, value_cache = split_kv_cache(kv_cache, head_size)
+    got_k = key_cache.reshape(-1, heads, head_size)[first_slot : first_slot + tokens]
+    got_v = value_cache.reshape(-1, heads, head_size)[first_slot : first_slot + tokens]
+    return torch.equal(got_k, key) and torch.equal(got_v, value)
 
 
 def split_kv_cache(kv_cache: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,10 +172,7 @@ def check_cpu_cache_layout(isa: str, dtype: torch.dtype, head_size: int, block_s
         key, value, packed[:, :, :block_size], packed[:, :, block_size:], slots, isa,
         k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto",
     )
-    key_cache, value_cache = split_kv_cache(kv_cache, head_size)
-    got_k = key_cache.reshape(-1, heads, head_size)[block_size : block_size + tokens]
-    got_v = value_cache.reshape(-1, heads, head_size)[block_size : block_size + tokens]
-    if not (torch.equal(got_k, key) and torch.equal(got_v, value)):
+    if not _reads_back(kv_cache, key, value, head_size, block_size):
         raise RuntimeError(
             f"sparsekv: vLLM's CPU KV-cache layout for isa={isa!r} is not the one this plugin reads; "
             "this vLLM version is not supported on CPU with --attention-backend sparsekv"
