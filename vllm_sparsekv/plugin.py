@@ -11,6 +11,8 @@ How (see README, "How the plugin hooks into vLLM"):
    settings are given but another attention backend is selected.
 3. On CPU, whose platform ignores the selected backend, `get_attn_backend_cls` is wrapped to return
    ours when (and only when) it was selected; every other selection is left to vLLM.
+The same `check_and_update_config` hook, in the front end, sets up the sparsity metrics on vLLM's
+/metrics (metrics.py).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 
+from vllm_sparsekv import metrics
 from vllm_sparsekv.backend import compat
 from vllm_sparsekv.config import ENV_VAR
 
@@ -61,6 +64,7 @@ def _wrap_platform(platform_cls) -> None:
                 logger.error("%s", e)
                 raise
             warn_budget(vllm_config)
+            metrics.setup(vllm_config)  # before the engine processes start: they inherit its directory
             return
         chosen = f"--attention-backend {getattr(backend, 'name', backend)}" if backend else "the platform's default backend"
         if isinstance(vllm_config.additional_config, dict) and "sparsekv" in vllm_config.additional_config:

@@ -79,12 +79,16 @@ def _log_interval(prev: dict | None, snap: dict, seconds: float) -> None:
 _reporter: threading.Thread | None = None
 
 
-def start_reporter(interval_s: float, stats_file: str | None) -> None:
+def start_reporter(interval_s: float, stats_file: str | None, engine: int = 0) -> None:
     """Start (once per process) the daemon thread that logs the sparsity every `interval_s` and
-    keeps `stats_file` current (checked every second, rewritten when the counters moved).
-    A thread rather than the step loop, so the file is right also after the last step."""
+    keeps `stats_file` and, under a server, this worker's file for /metrics (metrics.py) current
+    (checked every second, rewritten when the counters moved).
+    A thread rather than the step loop, so the files are right also after the last step."""
     global _reporter
-    if _reporter is not None or (interval_s <= 0 and not stats_file):
+    from vllm_sparsekv.metrics import worker_file
+
+    files = [f for f in (stats_file, worker_file(engine)) if f]
+    if _reporter is not None or (interval_s <= 0 and not files):
         return
 
     def run() -> None:
@@ -97,13 +101,14 @@ def start_reporter(interval_s: float, stats_file: str | None) -> None:
                 if interval_s > 0 and now - last_log >= interval_s:
                     _log_interval(logged, snap, now - last_log)
                     last_log, logged = now, snap
-                if stats_file and snap != written:
-                    _write(stats_file, snap)
+                if files and snap != written:
+                    for path in files:
+                        _write(path, snap)
                     written, failing = snap, False
             except Exception as e:  # a full disk or a removed directory must not end the counters
                 if not failing:
-                    logger.warning("sparsekv: could not write stats_file %s: %s (retrying every second)",
-                                   stats_file, e)
+                    logger.warning("sparsekv: could not write %s: %s (retrying every second)",
+                                   " or ".join(files), e)
                 failing = True
 
     _reporter = threading.Thread(target=run, name="sparsekv-stats", daemon=True)

@@ -55,6 +55,35 @@ def test_completions_and_chat_are_answered_sparsely(server):
     assert 0 < s["attended_pages"] < s["held_pages"], s  # the long prompt was decoded sparsely
 
 
+def test_metrics_endpoint_exports_the_worker_counters(server):
+    """vLLM's own /metrics carries the workers' counters, equal to what the worker writes to
+    stats_file (both come from the same snapshot, about once a second)."""
+    import re
+    import urllib.request
+
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"http://127.0.0.1:{server['port']}/v1", api_key="none")
+    prompt = "The grass is green. The sky is blue. The sun is yellow. " * 40 + "The capital of France is"
+    client.completions.create(model="smol", prompt=prompt, max_tokens=8, temperature=0)
+    names = ("attended_pages_total", "held_pages_total", "decode_rows_total", "attended_fraction")
+    deadline, m, s = time.monotonic() + 20, {}, {}
+    while time.monotonic() < deadline:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{server['port']}/metrics", timeout=10).read().decode()
+        assert "vllm:num_requests_running" in text  # vLLM's endpoint, not a separate one
+        m = {n: float(v) for n, labels, v in re.findall(r"^vllm:sparsekv_(\w+)\{(.*)\} (\S+)$", text, re.M)
+             if sorted(labels.split(",")) == ['engine="0"', 'model_name="smol"']}
+        s = json.load(open(server["stats_file"])) if os.path.exists(server["stats_file"]) else {}
+        if set(names) <= set(m) and s and all(m[f"{k}_total"] == s[k] for k in s if k.endswith(("pages", "rows"))):
+            break
+        time.sleep(0.5)
+    assert set(names) <= set(m), m
+    assert 0 < m["attended_pages_total"] < m["held_pages_total"], m  # sparse decode was counted
+    for key in ("attended_pages", "held_pages", "decode_rows"):
+        assert m[f"{key}_total"] == s[key], (m, s)
+    assert abs(m["attended_fraction"] - s["attended_fraction"]) < 1e-9, (m, s)
+
+
 def test_server_shuts_down_cleanly(server):
     proc = server["proc"]
     assert launch.stop(proc) == 0

@@ -229,7 +229,8 @@ class SparseKVMetadataBuilder(AttentionMetadataBuilder[SparseKVMetadata]):
             self._page_cols = torch.arange(cols, dtype=torch.int32, device=device)
             self._all_pages = torch.full((max_reqs, cols), -1, dtype=torch.int32, device=device)
         self._bound = False
-        stats.start_reporter(cfg.log_interval_s, cfg.stats_file)
+        stats.start_reporter(cfg.log_interval_s, cfg.stats_file,
+                             getattr(vllm_config.parallel_config, "data_parallel_rank", 0))
 
     def _bind_layers(self) -> None:
         """Give every layer's impl this KV cache (once per builder: vLLM builds new builders for
