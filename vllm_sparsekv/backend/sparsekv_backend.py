@@ -104,8 +104,6 @@ class SparseKVBackend(AttentionBackend):
 @dataclass
 class SparseKVMetadata:
     num_actual_tokens: int
-    num_decodes: int
-    num_prefills: int
     num_decode_tokens: int
     dense_all: Any  # the dense backend's metadata of the whole batch (dense layers)
     dense_prefill: Any  # the dense backend's metadata of the prefill sub-batch, or None
@@ -286,8 +284,6 @@ class SparseKVMetadataBuilder(AttentionMetadataBuilder[SparseKVMetadata]):
         return SparseKVMetadata(
             **prefill_rows,
             num_actual_tokens=cam.num_actual_tokens,
-            num_decodes=nd,
-            num_prefills=npf,
             num_decode_tokens=ndt,
             dense_all=dense_all,
             dense_prefill=dense_prefill,
