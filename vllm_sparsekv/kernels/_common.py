@@ -15,15 +15,18 @@ except Exception:  # pragma: no cover - depends on the environment
     HAS_TRITON = False
 
 
-def use_triton(*tensors: torch.Tensor) -> bool:
-    """Dispatch rule of the public names: Triton when every tensor is on CUDA and Triton imports.
+# SPARSEKV_KERNELS=ref forces the references (debugging); =triton forces the Triton kernels
+# (TRITON_INTERPRET=1 on CPU tensors). Read once, at import: the decode path calls the dispatch in
+# every layer.
+_MODE = os.environ.get("SPARSEKV_KERNELS", "auto")
 
-    SPARSEKV_KERNELS=ref forces the references (debugging); =triton forces the Triton kernels
-    (used by the interpreter tests, TRITON_INTERPRET=1 on CPU tensors)."""
-    mode = os.environ.get("SPARSEKV_KERNELS", "auto")
-    if mode == "ref" or not HAS_TRITON:
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """Dispatch rule of the public names: Triton when every tensor is on CUDA and Triton imports,
+    unless SPARSEKV_KERNELS (read at import) says otherwise."""
+    if _MODE == "ref" or not HAS_TRITON:
         return False
-    if mode == "triton":
+    if _MODE == "triton":
         return True
     return all(t.is_cuda for t in tensors)
 
