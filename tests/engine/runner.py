@@ -3,7 +3,7 @@
 The engine tests start one subprocess per configuration (stock CPU attention, sparsekv full,
 quest...), so each engine is isolated and the comparisons are made on identical prompts.
 Usage: python runner.py SPEC_JSON  (spec: model, backend, sparsekv, prompts, max_tokens,
-prefix_caching, mode = "batch" | "sequential", max_model_len, block_size, env)
+prefix_caching, mode = "batch" | "sequential", max_model_len, block_size, num_blocks, env)
 On CUDA (SPARSEKV_TEST_DEVICE=cuda, as benchmarks/gpu_e2e.py runs these tests on the GPU machine)
 the engine runs in float16 with CUDA graphs (FULL decode graphs), as users run it.
 """
@@ -40,6 +40,8 @@ def main() -> None:
         kw["block_size"] = spec["block_size"]
     if spec.get("max_num_batched_tokens"):
         kw["max_num_batched_tokens"] = spec["max_num_batched_tokens"]
+    if spec.get("num_blocks"):  # a KV cache this small forces preemption
+        kw.update(num_gpu_blocks_override=spec["num_blocks"], disable_log_stats=False)
     if spec["backend"] != "stock":
         kw.update(attention_backend=spec["backend"], additional_config={"sparsekv": spec.get("sparsekv", {})})
     llm = LLM(spec["model"], **kw)
@@ -56,7 +58,8 @@ def main() -> None:
         # gap between the two best tokens at each step: tells a genuine near-tie from a real change
         gaps = [abs(a - b) for a, b in (sorted((x.logprob for x in lp.values()), reverse=True)[:2] for lp in c.logprobs)]
         results.append({"text": c.text, "token_ids": list(c.token_ids), "logprobs": lps, "top2_gap": gaps,
-                        "prompt_tokens": len(o.prompt_token_ids)})
+                        "prompt_tokens": len(o.prompt_token_ids),
+                        "preemptions": o.metrics.num_preemptions if getattr(o, "metrics", None) else None})
     from vllm_sparsekv import stats
 
     backends = sorted(set(llm.collective_rpc(_backend_names)[0]))
