@@ -208,10 +208,11 @@ class SparseKVMetadataBuilder(AttentionMetadataBuilder[SparseKVMetadata]):
         weights = budgets.layer_head_weights(cfg, num_layers, self.num_kv_heads, bs)
         sparse_w = weights[self.sparse_layers] if self.sparse_layers else torch.ones(0, self.num_kv_heads)
         uniform = self.selects_all or bool((sparse_w == 1).all())
-        # per sparse layer: its budget multipliers and the static k of its selection (widened
-        # for layers whose heads get more than the uniform budget, never narrowed)
-        self.layer_k_max = [min(math.ceil(self.max_model_len / bs), math.ceil(self.k_max * max(1.0, float(w.max()))))
-                            for w in sparse_w]
+        # per sparse layer: its budget multipliers and how much its selection's static k widens
+        # for heads that get more than the uniform budget (never narrowed)
+        self.layer_k_widen = [max(1.0, float(w.max())) for w in sparse_w]
+        self.layer_k_max = [min(math.ceil(self.max_model_len / bs), math.ceil(self.k_max * widen))
+                            for widen in self.layer_k_widen]
         self.layer_weights = None if uniform else sparse_w.to(device=device, dtype=torch.float32)
         self._host_weights = None if uniform else sparse_w.to(torch.float32)
         compilation = vllm_config.compilation_config
@@ -239,7 +240,9 @@ class SparseKVMetadataBuilder(AttentionMetadataBuilder[SparseKVMetadata]):
             layer = context[name]
             layer.impl.bind_cache(layer, compat.layer_kv_cache(layer), self.page_tail_bytes)
             index = compat.layer_index(name)
-            layer.impl.sparse_index = self.sparse_layers.index(index) if index in self.sparse_layers else -1
+            if index in self.sparse_layers:
+                layer.impl.sparse_index = i = self.sparse_layers.index(index)
+                layer.impl.k_widen = self.layer_k_widen[i]
         self._bound = True
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False):
@@ -380,12 +383,12 @@ class SparseKVImpl(AttentionImpl):
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
         vllm_config = get_current_vllm_config()
         self.config = load_config(vllm_config.additional_config)
-        self.num_layers = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
         SparseKVBackend.served = (self.config, num_heads)
         self.selector = None  # bound to the KV cache by the builder (`bind_cache`)
         self.is_dense_layer: bool | None = None
-        self.sparse_index = -1  # this layer's row in the builder's per-layer plans (set by it)
-        self._k_widen = 1.0
+        # this layer's row in the builder's per-layer plans and its static-k widening (set by it)
+        self.sparse_index = -1
+        self.k_widen = 1.0
         self.bound_cache: tuple | None = None  # (data_ptr, num_blocks) of the cache bound to
 
     def bind_cache(self, layer, kv_cache: torch.Tensor, page_tail_bytes: int = 0) -> None:
@@ -404,8 +407,6 @@ class SparseKVImpl(AttentionImpl):
         self.bound_cache = key
         if self.is_dense_layer:
             return
-        w = budgets.layer_head_weights(self.config, self.num_layers, self.num_kv_heads, kv_cache.shape[2])[index]
-        self._k_widen = max(1.0, float(w.max()))  # static k of layers whose heads get more pages
         geometry = LayerGeometry(self.num_heads, self.num_kv_heads, self.head_size, kv_cache.shape[2], index)
         self.selector = get_method(self.config.method)(self.config, geometry)
         side = compat.page_tail_views(kv_cache, self.selector.side_state(kv_cache.dtype), page_tail_bytes)
@@ -465,7 +466,7 @@ class SparseKVImpl(AttentionImpl):
         scores = self.selector.score_pages(query, key_cache, block_table, seq_lens, md.max_pages)
         if md.layer_budget_pages is not None:
             budget = md.layer_budget_pages[self.sparse_index]
-            k_max = min(md.max_pages, math.ceil(md.k_max * self._k_widen))
+            k_max = min(md.max_pages, math.ceil(md.k_max * self.k_widen))
         else:
             budget, k_max = md.budget_pages, md.k_max
         bs = key_cache.shape[1]
