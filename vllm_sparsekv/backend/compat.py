@@ -66,6 +66,10 @@ def pads_pages() -> bool:
     return current_platform.is_cuda_alike()
 
 
+def _align16(nbytes: int) -> int:
+    return -(-nbytes // 16) * 16
+
+
 def pad_spec_for_side_state(spec, side_bytes: int):
     """The KV spec with each page padded by `side_bytes` (aligned to 16 B), so vLLM's KV-cache
     sizing counts the page summaries (vLLM 0.33's `page_size_padded`, as hybrid models use it).
@@ -73,7 +77,7 @@ def pad_spec_for_side_state(spec, side_bytes: int):
     if side_bytes <= 0 or not hasattr(spec, "page_size_padded"):
         return spec
     base = spec.page_size_padded or spec.page_size_bytes
-    return dataclasses.replace(spec, page_size_padded=base + (-(-side_bytes // 16)) * 16)
+    return dataclasses.replace(spec, page_size_padded=base + _align16(side_bytes))
 
 
 def page_tail_views(kv_cache: torch.Tensor, side_state: dict, tail_bytes: int) -> dict[str, torch.Tensor] | None:
@@ -86,13 +90,13 @@ def page_tail_views(kv_cache: torch.Tensor, side_state: dict, tail_bytes: int) -
     esize = kv_cache.element_size()
     extent = 1 + sum((n - 1) * st for n, st in zip(kv_cache.shape[1:], kv_cache.stride()[1:]))
     block_stride = kv_cache.stride(0) * esize
-    need = sum(-(-(math.prod(shape) * torch.empty(0, dtype=dt).element_size()) // 16) * 16
+    need = sum(_align16(math.prod(shape) * torch.empty(0, dtype=dt).element_size())
                for shape, dt in side_state.values())
     if need == 0 or extent * esize + need > min(block_stride, extent * esize + tail_bytes):
         return None
     storage = kv_cache.untyped_storage()
     offset = (kv_cache.storage_offset() + extent) * esize
-    offset = -(-offset // 16) * 16
+    offset = _align16(offset)
     views = {}
     for name, (shape, dt) in side_state.items():
         isz = torch.empty(0, dtype=dt).element_size()
@@ -103,7 +107,7 @@ def page_tail_views(kv_cache: torch.Tensor, side_state: dict, tail_bytes: int) -
             inner[i] = inner[i + 1] * shape[i + 1]
         views[name] = torch.empty(0, dtype=dt, device=kv_cache.device).set_(
             storage, offset // isz, (kv_cache.shape[0], *shape), (block_stride // isz, *inner))
-        offset += -(-(math.prod(shape) * isz) // 16) * 16
+        offset += _align16(math.prod(shape) * isz)
     return views
 
 
