@@ -48,25 +48,24 @@ def unselective_context(cfg, block_size: int, max_model_len: int) -> int:
     """The longest context, in tokens, at which decode drops pages but chooses none by score: the
     budget is no more than the forced sink + recent pages. 0 when there is none.
 
-    Same arithmetic as the backend (`SparseKVMetadataBuilder.build`, `select_pages`): a request of
-    n pages attends k = min(max(budget, forced), n) pages, forced ones first, so pages are chosen
-    by score only when budget > forced. token_budget: budget = ceil(tb / bs) for every context.
-    budget_fraction: budget = ceil(f * n) (float32, as the backend computes it), which only grows
-    with n, so it is the contexts below some length that select nothing. Requests shorter than
-    forced pages, or than min_context, are attended in full and do not count. With per-head
-    allocations (pyramid, headkv, infscore) this is the average head's budget."""
+    The backend's own rules: the budget is `budgets.request_budget_pages` (min_context included:
+    a shorter request is attended in full), and a request of n pages attends
+    k = min(max(budget, forced), n) pages, forced ones first, so pages are chosen by score only
+    when budget > forced. A token budget is the same for every context; a fraction only grows with
+    n, so it is the contexts below some length that select nothing. Each page count n is checked
+    at its shortest context, (n - 1) * block_size + 1 tokens. With per-head allocations (pyramid,
+    headkv, infscore) this is the average head's budget."""
     import torch
+
+    from vllm_sparsekv.budgets import request_budget_pages
 
     forced = cfg.sink_pages(block_size) + cfg.recent_pages(block_size)
     max_pages = math.ceil(max_model_len / block_size)
     if max_pages <= forced:
         return 0
     n = torch.arange(forced + 1, max_pages + 1)  # contexts that drop pages at a budget of `forced`
-    if cfg.token_budget is not None:
-        budget = torch.full_like(n, math.ceil(cfg.token_budget / block_size))
-    else:
-        budget = torch.ceil(n.to(torch.float32) * cfg.budget_fraction).long()
-    bad = n[(budget <= forced) & ((n - 1) * block_size + 1 >= cfg.min_context)]
+    budget = request_budget_pages(cfg, (n - 1) * block_size + 1, block_size, selects_all=False)
+    bad = n[budget <= forced]
     return min(int(bad.max()) * block_size, max_model_len) if bad.numel() else 0
 
 
