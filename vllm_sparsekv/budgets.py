@@ -44,6 +44,8 @@ import os
 
 import torch
 
+from vllm_sparsekv.kernels import num_pages as kernel_num_pages
+
 INFSCORE_LAYER_EPS = 0.01
 SCORE_FIELD = {"infscore": "infscore", "headkv": "headkv_retrieval"}
 
@@ -85,7 +87,7 @@ def request_budget_pages(config, seq_lens: torch.Tensor, block_size: int, select
     if out.dim() not in (1, 2) or out.shape[0] != seq_lens.shape[0]:
         raise ValueError(f"out must be [N] or [N, H] with N = {seq_lens.shape[0]}, got {list(out.shape)}")
     col = out if out.dim() == 1 else out[:, 0]
-    num_pages = torch.floor_divide(seq_lens + (block_size - 1), block_size)
+    num_pages = kernel_num_pages(seq_lens, block_size)
     if all_pages:
         col.copy_(num_pages)
     elif config.token_budget is not None:
@@ -109,7 +111,7 @@ def decode_page_counts(config, seq_lens: torch.Tensor, block_size: int, num_kv_h
     float32 (non-uniform allocations) multiply the budget as the builder does, each layer capped
     by its `layer_k_max`. Rows with no page (padding of a captured batch) count nowhere."""
     lens = seq_lens.to(torch.int64)
-    npg = (lens + block_size - 1) // block_size
+    npg = kernel_num_pages(lens, block_size)
     lens, npg = lens[npg > 0], npg[npg > 0]
     if not npg.numel():
         return 0, 0, 0
