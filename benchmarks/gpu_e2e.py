@@ -56,8 +56,9 @@ def pytest_summary(text: str) -> str:
     return m[-1] if m else text[-300:]
 
 
-def part_kernels(report):
-    rc, out, dt = sh([sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", "tests/kernels/"])
+def part_kernels(report, out_dir: str, commit: str):
+    """gpu_check.py: tests/kernels compiled at real sizes, and its summary file beside ours."""
+    rc, out, dt = sh([sys.executable, "benchmarks/gpu_check.py", "--out", out_dir, "--commit", commit])
     report("kernels", rc == 0, pytest_summary(out), dt, out[-6000:])
 
 
@@ -171,7 +172,7 @@ def main() -> int:
 
     parts = a.parts.split(",")
     if "kernels" in parts:
-        part_kernels(report)
+        part_kernels(report, a.out, a.commit)
     if "engine" in parts:
         part_engine(report)
     if "agree" in parts:
