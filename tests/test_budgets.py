@@ -243,7 +243,6 @@ def test_request_budget_pages_matches_the_rules(seed_gen):
         assert budgets.request_budget_pages(cfg, seq_lens, bs, sel_all, out=flat) is flat and torch.equal(flat, want)
         # the static k covers every request any context up to max_model_len could get
         k = budgets.max_selected_pages(cfg, bs, 9000)
-        assert k == cfg.max_selected_pages(bs, 9000)
         forced = cfg.sink_pages(bs) + cfg.recent_pages(bs)
         all_lens = torch.arange(1, 9001, dtype=torch.int32)
         need = torch.minimum(torch.maximum(budgets.request_budget_pages(cfg, all_lens, bs),

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vllm_sparsekv import kernels
+from vllm_sparsekv import budgets, kernels
 from vllm_sparsekv.config import ENV_VAR, SparseKVConfig, SparseKVConfigError, load_config, markdown_table
 from vllm_sparsekv.kernels.testing import brute_quest
 from vllm_sparsekv.methods import available, get_method
@@ -25,10 +25,10 @@ def test_defaults_and_derived_pages():
     # the page being written is always attended, even with recent_tokens=0
     assert load_config({"sparsekv": {"recent_tokens": 0}}).recent_pages(16) == 1
     cfg = load_config({"sparsekv": {"token_budget": 1000, "sink_tokens": 16, "recent_tokens": 16}})
-    assert cfg.max_selected_pages(32, 8192) == 32  # ceil(1000/32)
+    assert budgets.max_selected_pages(cfg, 32, 8192) == 32  # ceil(1000/32)
     cfg = load_config({"sparsekv": {"budget_fraction": 0.125}})
-    assert cfg.max_selected_pages(16, 8192) == 64
-    assert load_config({"sparsekv": {"method": "full"}}).max_selected_pages(16, 1000) == 63
+    assert budgets.max_selected_pages(cfg, 16, 8192) == 64
+    assert budgets.max_selected_pages(load_config({"sparsekv": {"method": "full"}}), 16, 1000) == 63
     assert load_config({"sparsekv": {"method": "QUEST", "token_budget": 64}}).method == "quest"
 
 

@@ -239,12 +239,6 @@ class SparseKVConfig(BaseModel):
         # At least one: the page the decode token was just written to.
         return max(1, math.ceil(self.recent_tokens / block_size))
 
-    def max_selected_pages(self, block_size: int, max_model_len: int) -> int:
-        """Static k of the selection (see ``budgets.max_selected_pages``)."""
-        from vllm_sparsekv.budgets import max_selected_pages
-
-        return max_selected_pages(self, block_size, max_model_len)
-
 
 def _default_text(field) -> str:
     if field.default is None:

@@ -210,7 +210,7 @@ def _hook(module, query, key, value, attention_mask, dropout=0.0, scaling=None, 
     if layer in cfg.dense_layers:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
-    from vllm_sparsekv import kernels
+    from vllm_sparsekv import budgets, kernels
     from vllm_sparsekv.methods import get_method
     from vllm_sparsekv.methods.base import LayerGeometry
 
@@ -252,7 +252,7 @@ def _hook(module, query, key, value, attention_mask, dropout=0.0, scaling=None, 
             ls.selector.on_kv_write(new_keys, key_cache, slots)
             ls.written = L
         scores = ls.selector.score_pages(q, key_cache, block_table, seq_lens, P)
-        k_max = min(cfg.max_selected_pages(bs, st.max_model_len), P)
+        k_max = min(budgets.max_selected_pages(cfg, bs, st.max_model_len), P)
     budget = torch.full((1, hkv), budget_pages_for(cfg, L, bs), dtype=torch.int32, device=q.device)
     if not ls.selector.selects_all:  # per-(layer, head) multipliers, as SparseKVImpl._sparse_decode
         w = _budget_weights(cfg, layer, hkv)
