@@ -5,7 +5,7 @@
 - kernels: every kernel test, compiled Triton at real sizes, CUDA-graph capture/replay (tests/kernels);
 - engine: the engine tests CI runs on CPU (batching, chunked prefill, prefix sharing, eviction
   methods, streaming, bad config), on CUDA in float16 with FULL decode graphs (tests/engine);
-- agree: SmolLM2 (real weights) at 4K-8K, 32 prompts x 64 tokens: dense FA3 vs sparsekv `full` and
+- agree: SmolLM2 (4K-8K) and Qwen2.5-Coder-0.5B (4K-16K), real weights, 32 prompts x 64 tokens: dense FA3 vs sparsekv `full` and
   quest with a covering budget (greedy tokens up to the first near-tie, logprobs within the stated
   tolerance), and quest at 1/8 beside dense (token agreement, passkeys found);
 - stress: Llama-3-8B-shaped layers (dummy weights) through `gpu_stress.py`, every configuration with
@@ -37,6 +37,12 @@ STRESS = [  # (name, sparsekv config or None, extra args)
     ("full", {"method": "full"}, ["--prefix-caching"]),
     ("snapkv-1024", {"method": "snapkv", "token_budget": 1024}, []),
     ("quest-pyramid", {"method": "quest", "budget_fraction": 0.125, "budget_allocation": "pyramid"}, ["--prefix-caching"]),
+    # long prompts decoding far into a KV cache too small for all of them: the scheduler must preempt
+    ("quest-preempt", {"method": "quest", "budget_fraction": 0.0625},
+     ["--kv-bytes", str(256 << 20), "--requests", "48", "--min-len", "2048", "--max-len", "6144", "--max-tokens", "768"]),
+    # 16K-60K prompts (the default runs stop at 12K)
+    ("quest-long", {"method": "quest", "budget_fraction": 0.0625},
+     ["--kv-bytes", str(6 << 30), "--requests", "40", "--min-len", "16384", "--max-len", "61440", "--max-tokens", "64"]),
 ]
 
 
@@ -68,26 +74,36 @@ def part_engine(report):
     report("engine (tests/engine on CUDA, fp16, FULL graphs)", rc == 0, pytest_summary(out), dt, out[-8000:])
 
 
-def part_agree(report):
+AGREE_MODELS = {  # model -> (prompt lengths, cycled; max_model_len)
+    "smollm2": ((4096, 7680), 8192),
+    "qwen-coder-0.5b": ((4096, 8192, 12288, 16000), 16448),
+}
+
+
+def part_agree(report, model_key: str):
+    """Real weights, 32 passkey prompts x 64 greedy tokens: dense FA3 vs sparsekv `full` and quest at a
+    covering budget (token for token up to a near-tie, logprobs within the tolerance), then small
+    budgets beside dense (token agreement and passkeys found)."""
     from transformers import AutoTokenizer
 
     from tests.engine.harness import LOGPROB_TOL, NEAR_TIE, assert_same_greedy, run_engine
     from sparsekv_eval.passkey import passkey_prompt
     from vllm_sparsekv.models import ensure_model
 
-    model = str(ensure_model("smollm2"))
+    lengths, max_len = AGREE_MODELS[model_key]
+    model = str(ensure_model(model_key))
     tok = AutoTokenizer.from_pretrained(model)
     env = {"SPARSEKV_TEST_DEVICE": "cuda"}
     keys = [f"{10000 + 7919 * i % 89999}" for i in range(32)]
-    prompts = [passkey_prompt(tok, 4096 if i % 2 else 7680, k, (i % 8 + 0.5) / 8) for i, k in enumerate(keys)]
-    base = {"model": model, "prompts": prompts, "max_tokens": 64, "max_model_len": 8192, "env": env}
+    prompts = [passkey_prompt(tok, lengths[i % len(lengths)], k, (i % 8 + 0.5) / 8) for i, k in enumerate(keys)]
+    base = {"model": model, "prompts": prompts, "max_tokens": 64, "max_model_len": max_len, "env": env}
     t0 = time.time()
     dense = run_engine({**base, "backend": "stock"})
     found = lambda res: sum(k in r["text"] for k, r in zip(keys, res["results"]))  # noqa: E731
     lines = [f"dense FA3: passkeys {found(dense)}/32"]
     ok = True
     for name, cfg in (("full", {"method": "full"}),
-                      ("quest covering", {"method": "quest", "token_budget": 8192, "dense_layers": []})):
+                      ("quest covering", {"method": "quest", "token_budget": max_len, "dense_layers": []})):
         got = run_engine({**base, "backend": "sparsekv", "sparsekv": cfg})
         try:
             assert_same_greedy(dense, got, name)
@@ -97,15 +113,16 @@ def part_agree(report):
             ok = False
             lines.append(f"{name}: DIFFERS: {str(e)[:400]}")
     for name, cfg in (("quest 1/8", {"method": "quest", "budget_fraction": 0.125}),
-                      ("quest 1/8 group max", {"method": "quest", "budget_fraction": 0.125, "quest_group_reduce": "max"})):
+                      ("quest 1/8 group max", {"method": "quest", "budget_fraction": 0.125, "quest_group_reduce": "max"}),
+                      ("quest 1/16", {"method": "quest", "budget_fraction": 0.0625})):
         got = run_engine({**base, "backend": "sparsekv", "sparsekv": cfg})
         same = sum(a == b for r, g in zip(dense["results"], got["results"])
                    for a, b in zip(r["token_ids"], g["token_ids"]))
         total = sum(len(r["token_ids"]) for r in dense["results"])
         lines.append(f"{name}: passkeys {found(got)}/32 (dense {found(dense)}); tokens equal to dense at the same "
                      f"position {same}/{total}; attended {got['stats']['attended_fraction']:.3f} of held pages")
-    report("agree (SmolLM2 real weights, 4K-7.5K, 32 prompts x 64 tokens)", ok, "; ".join(lines), time.time() - t0,
-           "\n".join(lines))
+    report(f"agree ({model_key} real weights, {min(lengths)}-{max(lengths)} tokens, 32 prompts x 64 tokens)", ok,
+           "; ".join(lines), time.time() - t0, "\n".join(lines))
 
 
 def part_stress(report, layers: int, min_steps: int, only: set[str] | None):
@@ -150,6 +167,7 @@ def main() -> int:
     ap.add_argument("--commit", default=os.environ.get("SPARSEKV_COMMIT", "unknown"))
     ap.add_argument("--stress-layers", type=int, default=4)
     ap.add_argument("--min-steps", type=int, default=1000)
+    ap.add_argument("--agree-models", default="smollm2,qwen-coder-0.5b", help=f"of {sorted(AGREE_MODELS)}")
     ap.add_argument("--stress-only", default="", help="NAME:graphs|eager,... (default: all)")
     a = ap.parse_args()
     import torch
@@ -176,7 +194,8 @@ def main() -> int:
     if "engine" in parts:
         part_engine(report)
     if "agree" in parts:
-        part_agree(report)
+        for model_key in a.agree_models.split(","):
+            part_agree(report, model_key)
     if "stress" in parts:
         part_stress(report, a.stress_layers, a.min_steps, set(filter(None, a.stress_only.split(","))))
     if "sanitizer" in parts:
