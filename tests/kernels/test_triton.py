@@ -158,8 +158,9 @@ QUEST_CASES = [(1, 64, 16), (4, 128, 32), (3, 96, 16)] + ([(8, 256, 64), (4, 128
 @here
 @pytest.mark.parametrize("G,D,bs", QUEST_CASES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_quest_scores(G, D, bs, dtype):
-    g = gen("qs", G, D, bs, dtype)
+@pytest.mark.parametrize("tiling", [(None, None), (2, 3)])  # (pages, tiles): several programs per row
+def test_quest_scores(G, D, bs, dtype, tiling):
+    g = gen("qs", G, D, bs, dtype, tiling)
     Hkv, N = 2, 5
     lens = lens_for(bs, N, 9 * bs + 3, g)
     q, kc, _, bt, sl = make_paged(lens, Hkv, G, D, bs, dtype=dtype, device=DEV, gen=g)
@@ -168,7 +169,7 @@ def test_quest_scores(G, D, bs, dtype):
     P = bt.shape[1] + 3
     ref = page_scores.quest_page_scores_ref(q, bounds, bt, sl, P, bs)
     with poisoned():
-        out = page_scores.quest_page_scores_triton(q, bounds, bt, sl, P, bs)
+        out = page_scores.quest_page_scores_triton(q, bounds, bt, sl, P, bs, *tiling)
     assert torch.equal(torch.isinf(out), torch.isinf(ref)) and not out.isnan().any()
     f = torch.isfinite(ref)
     torch.testing.assert_close(out[f], ref[f], rtol=1e-5, atol=1e-4)
@@ -201,12 +202,10 @@ SELECT_CASES = [(42, False), (42, True), (200, True), (120, "close")] + ([(8192,
 @here
 @pytest.mark.parametrize("P,ties", SELECT_CASES)
 @pytest.mark.parametrize("chunked", [False, True])
-def test_select(P, ties, chunked, monkeypatch):
-    if chunked:
-        if not CUDA and (P > 64 or not ties):
-            pytest.skip("interpreter: the chunked path is covered at P=42 with ties")
-        monkeypatch.setattr(page_select, "MAX_SINGLE", 16)
-        monkeypatch.setattr(page_select, "CHUNK", 16 if not CUDA else 2048)
+def test_select(P, ties, chunked):
+    if chunked and not CUDA and (P > 64 or not ties):
+        pytest.skip("interpreter: the chunked path is covered at P=42 with ties")
+    register_pages = (16 if not CUDA else 2048) if chunked else None  # rows longer than this: re-read chunks
     g = gen("sel", P, ties, chunked)
     bs = 16
     N, Hkv = 6, 3
@@ -231,7 +230,7 @@ def test_select(P, ties, chunked, monkeypatch):
     for sink, recent, k_max in configs:
         ri, rn = page_select.select_pages_ref(sc, sl, bs, budget, sink, recent, k_max)
         with poisoned():
-            oi, on = page_select.select_pages_triton(sc, sl, bs, budget, sink, recent, k_max)
+            oi, on = page_select.select_pages_triton(sc, sl, bs, budget, sink, recent, k_max, register_pages)
         assert torch.equal(on.cpu(), rn.cpu()), (sink, recent, k_max)
         assert torch.equal(oi.cpu(), ri.cpu()), (sink, recent, k_max)
 
@@ -265,11 +264,16 @@ def test_sparse_decode(G, D, bs, N, max_len, dtype, splits):
             sel = torch.randperm(npg, generator=g)[:take].sort().values
             idx[n, h, :take] = sel.to(torch.int32)
     idx[0, 0] = -1  # a head with nothing selected -> zeros
-    for pi in (idx.to(DEV), all_pages(lens, bs, P, Hkv, DEV)):
-        ref = sparse_decode.sparse_paged_decode_ref(q, kc, vc, bt, sl, pi, scale)
+    # num_selected: the selection's counts, or fewer (only the first ns listed pages may be read)
+    listed = (idx >= 0).sum(-1).to(torch.int32)
+    fewer = (torch.rand(listed.shape, generator=g) * (listed + 1).float()).floor().to(torch.int32)
+    for pi, ns in ((idx.to(DEV), None), (idx.to(DEV), listed.to(DEV)), (idx.to(DEV), fewer.to(DEV)),
+                   (all_pages(lens, bs, P, Hkv, DEV), None)):
+        ref = sparse_decode.sparse_paged_decode_ref(q, kc, vc, bt, sl, pi, scale, num_selected=ns)
         out = torch.full_like(q, float("nan"))
         with poisoned():
-            sparse_decode.sparse_paged_decode_triton(q, kc, vc, bt, sl, pi, scale, out=out, num_splits=splits)
+            sparse_decode.sparse_paged_decode_triton(q, kc, vc, bt, sl, pi, scale, out=out, num_selected=ns,
+                                                     num_splits=splits)
         assert not out.isnan().any()
         assert rel_err(out, ref) < TOL[dtype], rel_err(out, ref)
 

@@ -119,6 +119,7 @@ class SparseKVMetadata:
     # methods that select every page (`selects_all`): the page list, built once per step instead of
     # scoring and selecting in every layer; [num_decodes, Hkv, max_pages] int32, -1 past the end
     all_pages: torch.Tensor | None = None
+    all_pages_count: torch.Tensor | None = None  # [num_decodes, Hkv] view of num_pages: the decode's loop bound
     # prefill rows, for methods that score pages from prefill attention (host lists; eager only)
     prefill_query_start: list[int] | None = None  # [num_prefills + 1], offsets into the prefill tokens
     prefill_seq_lens: list[int] | None = None
@@ -298,6 +299,7 @@ class SparseKVMetadataBuilder(AttentionMetadataBuilder[SparseKVMetadata]):
             k_max=k_max,
             layer_budget_pages=layer_budget,
             all_pages=all_pages,
+            all_pages_count=None if all_pages is None else num_pages[:, None].expand(nd, self.num_kv_heads),
         )
 
     def _count(self, cam: CommonAttentionMetadata, nd: int) -> None:
@@ -461,7 +463,7 @@ class SparseKVImpl(AttentionImpl):
         seq_lens, block_table = md.decode_seq_lens, md.decode_block_table
         if md.all_pages is not None:  # `selects_all`: the builder's page list, no scoring or top-k
             kernels.sparse_paged_decode(query, key_cache, value_cache, block_table, seq_lens, md.all_pages,
-                                        self.scale, out=out)
+                                        self.scale, out=out, num_selected=md.all_pages_count)
             return
         scores = self.selector.score_pages(query, key_cache, block_table, seq_lens, md.max_pages)
         if md.layer_budget_pages is not None:
@@ -470,7 +472,8 @@ class SparseKVImpl(AttentionImpl):
         else:
             budget, k_max = md.budget_pages, md.k_max
         bs = key_cache.shape[1]
-        page_idx, _ = kernels.select_pages(
+        page_idx, num_selected = kernels.select_pages(
             scores, seq_lens, bs, budget, self.config.sink_pages(bs), self.config.recent_pages(bs), k_max,
         )
-        kernels.sparse_paged_decode(query, key_cache, value_cache, block_table, seq_lens, page_idx, self.scale, out=out)
+        kernels.sparse_paged_decode(query, key_cache, value_cache, block_table, seq_lens, page_idx, self.scale,
+                                    out=out, num_selected=num_selected)

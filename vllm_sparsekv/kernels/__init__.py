@@ -63,10 +63,13 @@ def select_pages(scores, seq_lens, block_size, budget_pages, sink_pages, recent_
     return select_pages_ref(scores, seq_lens, block_size, budget_pages, sink_pages, recent_pages, k_max)
 
 
-def sparse_paged_decode(q, key_cache, value_cache, block_table, seq_lens, page_idx, scale, out=None):
+def sparse_paged_decode(q, key_cache, value_cache, block_table, seq_lens, page_idx, scale, out=None,
+                        num_selected=None):
     if use_triton(q, key_cache):
-        return sparse_paged_decode_triton(q, key_cache, value_cache, block_table, seq_lens, page_idx, scale, out)
-    return sparse_paged_decode_ref(q, key_cache, value_cache, block_table, seq_lens, page_idx, scale, out)
+        return sparse_paged_decode_triton(q, key_cache, value_cache, block_table, seq_lens, page_idx, scale, out,
+                                          num_selected)
+    return sparse_paged_decode_ref(q, key_cache, value_cache, block_table, seq_lens, page_idx, scale, out,
+                                   num_selected)
 
 
 __all__ = [

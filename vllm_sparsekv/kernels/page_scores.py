@@ -93,35 +93,45 @@ if HAS_TRITON:
         s_on, s_oh, s_op,
         P, D, MAXB, HKV,
         BS: tl.constexpr, G: tl.constexpr, PAGES: tl.constexpr, HKV_PAD: tl.constexpr,
-        BLOCK_D: tl.constexpr,
+        BLOCK_D: tl.constexpr, TILES: tl.constexpr,
     ):
         """Program (page chunk, n): all KV heads at once, so each block's bounds [Hkv, 2, D] (4 KB
         for Hkv=8, D=128, bf16) are one contiguous read. Score = sum_{m,d} q2[h,m,d] * bounds[h,m,d]
-        with q2[h,0] = sum_g min(q,0) (against min) and q2[h,1] = sum_g max(q,0) (against max)."""
+        with q2[h,0] = sum_g min(q,0) (against min) and q2[h,1] = sum_g max(q,0) (against max).
+        A chunk is TILES tiles of PAGES pages: q2 is built once per chunk, and tiles past the row's
+        last page only store -inf (a short request costs what its own pages cost)."""
         pc = tl.program_id(0)
         n = tl.program_id(1)
         hh = tl.arange(0, HKV_PAD)
         mm = tl.arange(0, 2)
         d = tl.arange(0, BLOCK_D)
         hm3 = (hh < HKV)[:, None, None] & (d < D)[None, None, :]  # [HKV_PAD, 1, BLOCK_D]
-        q2 = tl.zeros([HKV_PAD, 2, BLOCK_D], dtype=tl.float32)
-        for g in tl.static_range(G):
-            qv = tl.load(q_ptr + n * s_qn + (hh * G + g)[:, None, None] * s_qh + d[None, None, :] * s_qd,
-                         mask=hm3, other=0.0).to(tl.float32)  # [HKV_PAD, 1, BLOCK_D]
-            q2 += tl.where(mm[None, :, None] == 1, tl.maximum(qv, 0.0), tl.minimum(qv, 0.0))
         seq = tl.load(sl_ptr + n)
         npages = (seq + BS - 1) // BS
-        p = pc * PAGES + tl.arange(0, PAGES)
-        pv = (p < npages) & (p < P) & (p < MAXB)
-        blk = tl.load(bt_ptr + n * s_btn + p * s_btp, mask=pv, other=0).to(tl.int64)
-        addr = (blk[:, None, None, None] * s_bb + hh[None, :, None, None] * s_bh
-                + mm[None, None, :, None] * s_bm + d[None, None, None, :] * s_bd)
-        m4 = pv[:, None, None, None] & hm3[None, :, :, :]
-        b = tl.load(b_ptr + addr, mask=m4, other=0.0).to(tl.float32)  # [PAGES, HKV_PAD, 2, BLOCK_D]
-        sc = tl.sum(tl.sum(b * q2[None, :, :, :], axis=3), axis=2)  # [PAGES, HKV_PAD]
-        sc = tl.where((p < npages)[:, None], sc, float("-inf"))
-        tl.store(out_ptr + n * s_on + hh[None, :] * s_oh + p[:, None] * s_op, sc,
-                 mask=(p < P)[:, None] & (hh < HKV)[None, :])
+        base = pc * (PAGES * TILES)
+        busy = tl.minimum(tl.maximum(tl.cdiv(npages - base, PAGES), 0), TILES)  # tiles holding pages
+        out_row = out_ptr + n * s_on + hh[None, :] * s_oh
+        if busy > 0:
+            q2 = tl.zeros([HKV_PAD, 2, BLOCK_D], dtype=tl.float32)
+            for g in tl.static_range(G):
+                qv = tl.load(q_ptr + n * s_qn + (hh * G + g)[:, None, None] * s_qh + d[None, None, :] * s_qd,
+                             mask=hm3, other=0.0).to(tl.float32)  # [HKV_PAD, 1, BLOCK_D]
+                q2 += tl.where(mm[None, :, None] == 1, tl.maximum(qv, 0.0), tl.minimum(qv, 0.0))
+            for t in range(0, busy):
+                p = base + t * PAGES + tl.arange(0, PAGES)
+                pv = (p < npages) & (p < P) & (p < MAXB)
+                blk = tl.load(bt_ptr + n * s_btn + p * s_btp, mask=pv, other=0).to(tl.int64)
+                addr = (blk[:, None, None, None] * s_bb + hh[None, :, None, None] * s_bh
+                        + mm[None, None, :, None] * s_bm + d[None, None, None, :] * s_bd)
+                m4 = pv[:, None, None, None] & hm3[None, :, :, :]
+                b = tl.load(b_ptr + addr, mask=m4, other=0.0).to(tl.float32)  # [PAGES, HKV_PAD, 2, BLOCK_D]
+                sc = tl.sum(tl.sum(b * q2[None, :, :, :], axis=3), axis=2)  # [PAGES, HKV_PAD]
+                sc = tl.where((p < npages)[:, None], sc, float("-inf"))
+                tl.store(out_row + p[:, None] * s_op, sc, mask=(p < P)[:, None] & (hh < HKV)[None, :])
+        for t in range(busy, TILES):
+            p = base + t * PAGES + tl.arange(0, PAGES)
+            tl.store(out_row + p[:, None] * s_op, tl.full([PAGES, HKV_PAD], float("-inf"), tl.float32),
+                     mask=(p < P)[:, None] & (hh < HKV)[None, :])
 
     @triton.jit
     def _popc(x, HW_POPC: tl.constexpr):
@@ -185,6 +195,7 @@ if HAS_TRITON:
 
 QUEST_TILE_ELEMS = 8192  # bound elements (min and max, all KV heads) per quest-scoring program
 QUEST_WARPS = 4
+QUEST_TILES = 4  # tiles per program: one q2 per 4 tiles (q is re-read per program, from L2)
 HASH_TILE_WORDS = 4096  # code words per hash-scoring program (H100 sweep)
 HASH_WARPS = 4
 
@@ -193,7 +204,10 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def quest_page_scores_triton(q, bounds, block_table, seq_lens, max_pages, block_size):
+def quest_page_scores_triton(q, bounds, block_table, seq_lens, max_pages, block_size,
+                             pages: int | None = None, tiles: int | None = None):
+    """`pages` per tile and `tiles` per program: knobs for tuning and tests (defaults from
+    QUEST_TILE_ELEMS and QUEST_TILES)."""
     N, Hq, D = q.shape
     Hkv = bounds.shape[1]
     out = torch.empty(N, Hkv, max_pages, dtype=torch.float32, device=q.device)
@@ -201,13 +215,15 @@ def quest_page_scores_triton(q, bounds, block_table, seq_lens, max_pages, block_
         return out
     BLOCK_D = next_pow2(max(D, 16))
     HKV_PAD = next_pow2(Hkv)
-    PAGES = max(1, min(64, QUEST_TILE_ELEMS // (HKV_PAD * 2 * BLOCK_D)))
-    grid = (cdiv(max_pages, PAGES), N)
+    PAGES = pages or max(1, min(64, QUEST_TILE_ELEMS // (HKV_PAD * 2 * BLOCK_D)))
+    TILES = tiles or QUEST_TILES
+    grid = (cdiv(max_pages, PAGES * TILES), N)
     _quest_kernel[grid](
         q, bounds, block_table, seq_lens, out,
         *q.stride(), *bounds.stride(), *block_table.stride(), *out.stride(),
         max_pages, D, block_table.shape[1], Hkv,
-        BS=block_size, G=Hq // Hkv, PAGES=PAGES, HKV_PAD=HKV_PAD, BLOCK_D=BLOCK_D, num_warps=QUEST_WARPS,
+        BS=block_size, G=Hq // Hkv, PAGES=PAGES, HKV_PAD=HKV_PAD, BLOCK_D=BLOCK_D, TILES=TILES,
+        num_warps=QUEST_WARPS,
     )
     return out
 

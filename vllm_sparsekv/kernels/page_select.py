@@ -74,8 +74,11 @@ if HAS_TRITON:
         s_bn, s_bh,
         s_in, s_ih, s_ik,
         P, K_MAX, sink, recent,
-        BS: tl.constexpr, BLOCK: tl.constexpr, NCHUNK: tl.constexpr, KBLOCK: tl.constexpr,
+        BS: tl.constexpr, BLOCK: tl.constexpr, KBLOCK: tl.constexpr,
     ):
+        """Program (h, n). The row's first BLOCK keys stay in registers; pages past BLOCK are
+        re-read per pass in BLOCK chunks, only as many chunks as the row holds pages (a runtime
+        bound: a short request in a long-max_model_len engine costs what its own pages cost)."""
         h = tl.program_id(0)
         n = tl.program_id(1)
         seq = tl.load(sl_ptr + n)
@@ -83,83 +86,67 @@ if HAS_TRITON:
         budget = tl.load(b_ptr + n * s_bn + h * s_bh).to(tl.int32)
         nforced = tl.minimum(npages, sink + recent)
         k = tl.minimum(tl.minimum(tl.maximum(budget, nforced), npages), K_MAX)
+        nchunks = tl.cdiv(npages, BLOCK)
         s_row = s_ptr + n * s_sn + h * s_sh
         offs = tl.arange(0, BLOCK)
+        key0 = _keys(s_row, s_sp, offs, P, npages, sink, recent)
         # bisection on the key space for T = the k-th largest key: count(key >= T) >= k > count(key > T)
         lo = tl.zeros([], dtype=tl.int64) - 2147483648
         hi = tl.zeros([], dtype=tl.int64) + 2147483647
-        if NCHUNK == 1:
-            key = _keys(s_row, s_sp, offs, P, npages, sink, recent)
-            for _ in range(32):
-                mid = (lo + hi + 1) >> 1
-                cnt = tl.sum((key >= mid.to(tl.int32)).to(tl.int32), axis=0)
-                take = cnt >= k
-                lo = tl.where(take, mid, lo)
-                hi = tl.where(take, hi, mid - 1)
-        else:
-            for _ in range(32):
-                mid = (lo + hi + 1) >> 1
-                cnt = tl.zeros([], dtype=tl.int32)
-                for c in range(NCHUNK):
-                    kc = _keys(s_row, s_sp, c * BLOCK + offs, P, npages, sink, recent)
-                    cnt += tl.sum((kc >= mid.to(tl.int32)).to(tl.int32), axis=0)
-                take = cnt >= k
-                lo = tl.where(take, mid, lo)
-                hi = tl.where(take, hi, mid - 1)
+        for _ in range(32):
+            mid = (lo + hi + 1) >> 1
+            m32 = mid.to(tl.int32)
+            cnt = tl.sum((key0 >= m32).to(tl.int32), axis=0)
+            for c in range(1, nchunks):
+                kc = _keys(s_row, s_sp, c * BLOCK + offs, P, npages, sink, recent)
+                cnt += tl.sum((kc >= m32).to(tl.int32), axis=0)
+            take = cnt >= k
+            lo = tl.where(take, mid, lo)
+            hi = tl.where(take, hi, mid - 1)
         thr = lo.to(tl.int32)
         out_row = idx_ptr + n * s_in + h * s_ih
-        if NCHUNK == 1:
-            gt = key > thr
-            need = k - tl.sum(gt.to(tl.int32), axis=0)
-            eq = key == thr
-            eq_rank = tl.cumsum(eq.to(tl.int32), axis=0) - 1
-            sel = gt | (eq & (eq_rank < need))
-            pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
-            tl.store(out_row + pos * s_ik, offs, mask=sel)
-        else:
-            need = k
-            for c in range(NCHUNK):
-                kc = _keys(s_row, s_sp, c * BLOCK + offs, P, npages, sink, recent)
-                need -= tl.sum((kc > thr).to(tl.int32), axis=0)
-            eq_base = tl.zeros([], dtype=tl.int32)
-            pos_base = tl.zeros([], dtype=tl.int32)
-            for c in range(NCHUNK):
-                p = c * BLOCK + offs
-                kc = _keys(s_row, s_sp, p, P, npages, sink, recent)
-                eq = kc == thr
-                eq_rank = tl.cumsum(eq.to(tl.int32), axis=0) - 1 + eq_base
-                sel = (kc > thr) | (eq & (eq_rank < need))
-                pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1 + pos_base
-                tl.store(out_row + pos * s_ik, p, mask=sel)
-                eq_base += tl.sum(eq.to(tl.int32), axis=0)
-                pos_base += tl.sum(sel.to(tl.int32), axis=0)
+        need = k - tl.sum((key0 > thr).to(tl.int32), axis=0)
+        for c in range(1, nchunks):
+            kc = _keys(s_row, s_sp, c * BLOCK + offs, P, npages, sink, recent)
+            need -= tl.sum((kc > thr).to(tl.int32), axis=0)
+        # write the selected pages in ascending order; ties at T go to the lower page indices
+        eq = key0 == thr
+        sel = (key0 > thr) | (eq & (tl.cumsum(eq.to(tl.int32), axis=0) - 1 < need))
+        tl.store(out_row + (tl.cumsum(sel.to(tl.int32), axis=0) - 1) * s_ik, offs, mask=sel)
+        eq_base = tl.sum(eq.to(tl.int32), axis=0)
+        pos_base = tl.sum(sel.to(tl.int32), axis=0)
+        for c in range(1, nchunks):
+            p = c * BLOCK + offs
+            kc = _keys(s_row, s_sp, p, P, npages, sink, recent)
+            eq = kc == thr
+            sel = (kc > thr) | (eq & (tl.cumsum(eq.to(tl.int32), axis=0) - 1 + eq_base < need))
+            tl.store(out_row + (tl.cumsum(sel.to(tl.int32), axis=0) - 1 + pos_base) * s_ik, p, mask=sel)
+            eq_base += tl.sum(eq.to(tl.int32), axis=0)
+            pos_base += tl.sum(sel.to(tl.int32), axis=0)
         for k0 in range(0, K_MAX, KBLOCK):
             kk = k0 + tl.arange(0, KBLOCK)
             tl.store(out_row + kk * s_ik, tl.full([KBLOCK], -1, tl.int32), mask=(kk >= k) & (kk < K_MAX))
         tl.store(num_ptr + n * tl.num_programs(0) + h, k)  # num_selected is contiguous [N, Hkv]
 
 
-MAX_SINGLE = 8192  # pages held in registers by one program; beyond: CHUNK-sized passes
-CHUNK = 4096
+MAX_REGISTER_PAGES = 8192  # pages a program keeps in registers (128K tokens at page 16); a longer row re-reads the rest per pass
 SELECT_WARPS = 8
 
 
-def select_pages_triton(scores, seq_lens, block_size, budget_pages, sink_pages, recent_pages, k_max):
+def select_pages_triton(scores, seq_lens, block_size, budget_pages, sink_pages, recent_pages, k_max,
+                        register_pages: int | None = None):
+    """`register_pages` (tuning/tests): the in-register block, MAX_REGISTER_PAGES by default."""
     N, Hkv, P = scores.shape
     page_idx = torch.empty(N, Hkv, k_max, dtype=torch.int32, device=scores.device)
     num = torch.empty(N, Hkv, dtype=torch.int32, device=scores.device)
     if N == 0 or Hkv == 0:
         return page_idx, num
-    BLOCK = next_pow2(max(P, 16))
-    NCHUNK = 1
-    if BLOCK > MAX_SINGLE:
-        BLOCK = CHUNK
-        NCHUNK = -(-P // BLOCK)
+    BLOCK = min(next_pow2(max(P, 16)), next_pow2(register_pages or MAX_REGISTER_PAGES))
     _select_kernel[(Hkv, N)](
         scores, seq_lens, budget_pages, page_idx, num,
         *scores.stride(), *budget_pages.stride(), *page_idx.stride(),
         P, k_max, sink_pages, recent_pages,
-        BS=block_size, BLOCK=BLOCK, NCHUNK=NCHUNK, KBLOCK=min(1024, next_pow2(max(k_max, 16))),
+        BS=block_size, BLOCK=BLOCK, KBLOCK=min(1024, next_pow2(max(k_max, 16))),
         num_warps=SELECT_WARPS if BLOCK >= 4096 else 4,
     )
     return page_idx, num

@@ -13,9 +13,12 @@ from ._common import HAS_TRITON, cdiv, next_pow2
 _REF_CHUNK_TOKENS = 1 << 15  # reference: online softmax over page chunks of about this many tokens
 
 
-def sparse_paged_decode_ref(q, key_cache, value_cache, block_table, seq_lens, page_idx, scale, out=None):
+def sparse_paged_decode_ref(q, key_cache, value_cache, block_table, seq_lens, page_idx, scale, out=None,
+                            num_selected=None):
     """q [N, Hq, D]; key/value_cache [B, bs, Hkv, D] (any strides); block_table [N, max_blocks];
-    seq_lens [N]; page_idx [N, Hkv, K] logical pages (< 0 ignored; entries must be distinct).
+    seq_lens [N]; page_idx [N, Hkv, K] logical pages (< 0 ignored; entries must be distinct);
+    num_selected [N, Hkv] (optional): only page_idx[n, h, :num_selected[n, h]] is read, so the
+    kernels' work follows the pages really selected, not the static K.
     Returns out [N, Hq, D] in q's dtype (a request/head with no valid token gets zeros)."""
     N, Hq, D = q.shape
     _, bs, Hkv, _ = key_cache.shape
@@ -24,6 +27,8 @@ def sparse_paged_decode_ref(q, key_cache, value_cache, block_table, seq_lens, pa
     dev = q.device
     qf = q.float().reshape(N, Hkv, G, D)
     pid = page_idx.long()
+    if num_selected is not None:
+        pid = pid.masked_fill(torch.arange(K, device=dev) >= num_selected.long().to(dev)[..., None], -1)
     pvalid = pid >= 0
     pidc = pid.clamp(min=0, max=max(block_table.shape[1] - 1, 0))
     blk = torch.gather(block_table.long(), 1, pidc.reshape(N, Hkv * K)).reshape(N, Hkv, K).clamp(min=0)
@@ -62,19 +67,22 @@ if HAS_TRITON:
 
     @triton.jit
     def _split_kernel(
-        q_ptr, k_ptr, v_ptr, bt_ptr, sl_ptr, pi_ptr, wo_ptr, wl_ptr, scale_log2,
+        q_ptr, k_ptr, v_ptr, bt_ptr, sl_ptr, pi_ptr, ns_ptr, wo_ptr, wl_ptr, scale_log2,
         s_qn, s_qh, s_qd,
         s_kb, s_kt, s_kh, s_kd,
         s_vb, s_vt, s_vh, s_vd,
         s_btn, s_btp,
         s_pn, s_ph, s_pk,
-        K_MAX, PAGES_PER_SPLIT, NUM_SPLITS, HQ, D,
+        s_nsn, s_nsh,
+        K_MAX, NUM_SPLITS, HQ, D,
         G: tl.constexpr, G_PAD: tl.constexpr, BS: tl.constexpr, BLOCK_D: tl.constexpr,
-        PAGES_PER_ITER: tl.constexpr, IEEE: tl.constexpr,
+        PAGES_PER_ITER: tl.constexpr, IEEE: tl.constexpr, HAS_NS: tl.constexpr,
     ):
-        """Program (h, split, n): the query heads of KV head h over pages
-        page_idx[n, h, split*PPS : (split+1)*PPS]; each K/V page is read once for the whole group.
-        Writes the split's normalised partial output and its log2-sum-exp to the workspace."""
+        """Program (h, split, n): the query heads of KV head h over the split's share of the
+        row's k = num_selected[n, h] listed pages (K_MAX without num_selected), so the work follows
+        the pages really selected while the grid stays static (CUDA graphs); each K/V page is read
+        once for the whole group. Writes the split's normalised partial output and its
+        log2-sum-exp to the workspace."""
         h = tl.program_id(0)
         sp = tl.program_id(1)
         n = tl.program_id(2)
@@ -92,8 +100,13 @@ if HAS_TRITON:
         m_i = tl.full([G_PAD], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([G_PAD], dtype=tl.float32)
         acc = tl.zeros([G_PAD, BLOCK_D], dtype=tl.float32)
-        j_start = sp * PAGES_PER_SPLIT
-        j_end = tl.minimum(j_start + PAGES_PER_SPLIT, K_MAX)
+        if HAS_NS:
+            k_row = tl.minimum(tl.load(ns_ptr + n * s_nsn + h * s_nsh), K_MAX)
+        else:
+            k_row = K_MAX
+        per_split = tl.cdiv(tl.cdiv(k_row, PAGES_PER_ITER), NUM_SPLITS) * PAGES_PER_ITER
+        j_start = sp * per_split
+        j_end = tl.minimum(j_start + per_split, k_row)
         pi_row = pi_ptr + n * s_pn + h * s_ph
         for j0 in range(j_start, j_end, PAGES_PER_ITER):
             j = j0 + rp
@@ -170,20 +183,19 @@ SPLITS_PER_SM_SPARSE = 8  # when page_idx holds <= 1/4 of the block table's page
 
 
 def plan_splits(N: int, Hkv: int, k_max: int, pages_per_iter: int, device: torch.device,
-                num_splits: int | None = None, splits_per_sm: int = SPLITS_PER_SM) -> tuple[int, int]:
-    """(num_splits, pages_per_split) from static sizes only (graph-safe)."""
+                num_splits: int | None = None, splits_per_sm: int = SPLITS_PER_SM) -> int:
+    """Number of splits per (request, KV head), from static sizes only (graph-safe); the kernel
+    shares each row's actual pages over them."""
     iters = max(1, cdiv(k_max, pages_per_iter))
     if num_splits is None:
         sms = _num_sms(device.index or 0) if device.type == "cuda" else 8
         num_splits = max(1, cdiv(splits_per_sm * sms, max(1, N * Hkv)))
         num_splits = min(num_splits, 128)
-    num_splits = max(1, min(num_splits, iters))
-    pps = cdiv(iters, num_splits) * pages_per_iter
-    return cdiv(max(k_max, 1), pps), pps
+    return max(1, min(num_splits, iters))
 
 
 def sparse_paged_decode_triton(q, key_cache, value_cache, block_table, seq_lens, page_idx, scale, out=None,
-                               num_splits: int | None = None, tile_tokens: int | None = None,
+                               num_selected=None, num_splits: int | None = None, tile_tokens: int | None = None,
                                num_warps: int | None = None, num_stages: int | None = None,
                                splits_per_sm: int | None = None):
     """Split-K launch + combine. The keyword knobs exist for tuning/tests; the defaults are
@@ -207,16 +219,19 @@ def sparse_paged_decode_triton(q, key_cache, value_cache, block_table, seq_lens,
         stages -= 1
     if splits_per_sm is None:
         splits_per_sm = SPLITS_PER_SM_SPARSE if 4 * K <= block_table.shape[1] else SPLITS_PER_SM
-    S, pps = plan_splits(N, Hkv, K, ppi, q.device, num_splits, splits_per_sm)
+    S = plan_splits(N, Hkv, K, ppi, q.device, num_splits, splits_per_sm)
     wo = torch.empty(N * Hq * S * D, dtype=torch.float32, device=q.device)
     wl = torch.empty(N * Hq * S, dtype=torch.float32, device=q.device)
     # fp32 inputs: exact fp32 products (no tf32). The interpreter has no bf16/fp16 dot: upcast there.
     ieee = q.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET", "0") == "1"
     _split_kernel[(Hkv, S, N)](
-        q, key_cache, value_cache, block_table, seq_lens, page_idx, wo, wl, float(scale) * 1.4426950408889634,
+        q, key_cache, value_cache, block_table, seq_lens, page_idx, page_idx if num_selected is None else num_selected,
+        wo, wl, float(scale) * 1.4426950408889634,
         *q.stride(), *key_cache.stride(), *value_cache.stride(), *block_table.stride(), *page_idx.stride(),
-        K, pps, S, Hq, D,
+        *((0, 0) if num_selected is None else num_selected.stride()),
+        K, S, Hq, D,
         G=G, G_PAD=max(16, next_pow2(G)), BS=bs, BLOCK_D=BLOCK_D, PAGES_PER_ITER=ppi, IEEE=ieee,
+        HAS_NS=num_selected is not None,
         num_warps=num_warps or NUM_WARPS, num_stages=stages,
     )
     _combine_kernel[(Hq, N)](
