@@ -181,8 +181,9 @@ HASH_CASES = [(1, 16, 4), (3, 32, 2), (4, 16, 3)] + ([(8, 64, 8), (4, 32, 4)] if
 @here
 @pytest.mark.parametrize("G,bs,W", HASH_CASES)
 @pytest.mark.parametrize("reduce", ["max", "sum"])
-def test_hash_scores(G, bs, W, reduce):
-    g = gen("hs", G, bs, W, reduce)
+@pytest.mark.parametrize("pages", [None, 2])  # 2: several programs per row, some past its last page
+def test_hash_scores(G, bs, W, reduce, pages):
+    g = gen("hs", G, bs, W, reduce, pages)
     Hkv, N = (3 if G == 3 else 2), 5  # a non-power-of-two head count too
     lens = lens_for(bs, N, 7 * bs + 3, g)
     _, kc, _, bt, sl = make_paged(lens, Hkv, 1, 16, bs, device=DEV, gen=g)
@@ -191,7 +192,7 @@ def test_hash_scores(G, bs, W, reduce):
     P = bt.shape[1] + 2
     ref = page_scores.hash_page_scores_ref(qc, codes, bt, sl, P, reduce)
     with poisoned():
-        out = page_scores.hash_page_scores_triton(qc, codes, bt, sl, P, reduce)
+        out = page_scores.hash_page_scores_triton(qc, codes, bt, sl, P, reduce, pages)
     assert torch.equal(out.cpu(), ref.cpu())
 
 

@@ -160,37 +160,41 @@ if HAS_TRITON:
         """Program (page chunk, n): all KV heads at once, so a block's codes [bs, Hkv, W] are one
         contiguous read (per-head programs would read 16 B out of every 128 B row). Popcounts are
         accumulated per word and reduced over words once (on an H100 this ran 30% faster than
-        reducing a thread's words per group member)."""
+        reducing a thread's words per group member). A chunk past the row's last page only stores
+        -inf (a short request costs what its own pages cost)."""
         pc = tl.program_id(0)
         n = tl.program_id(1)
         seq = tl.load(sl_ptr + n)
         npages = (seq + BS - 1) // BS
         p = pc * PAGES + tl.arange(0, PAGES)
-        pv = (p < npages) & (p < P) & (p < MAXB)
-        blk = tl.load(bt_ptr + n * s_btn + p * s_btp, mask=pv, other=0).to(tl.int64)
-        o = tl.arange(0, BS)
         hh = tl.arange(0, HKV_PAD)
-        w = tl.arange(0, W_PAD)
-        tv = pv[:, None] & ((p[:, None] * BS + o[None, :]) < seq)  # [PAGES, BS]
-        hw = (hh < HKV)[:, None] & (w < W)[None, :]  # [HKV_PAD, W_PAD]
-        m4 = tv[:, :, None, None] & hw[None, None, :, :]
-        addr = (blk[:, None, None, None] * s_cb + o[None, :, None, None] * s_ct
-                + hh[None, None, :, None] * s_ch + w[None, None, None, :] * s_cw)
-        kc = tl.load(c_ptr + addr, mask=m4, other=0)
-        acc = tl.zeros([PAGES, BS, HKV_PAD, W_PAD], dtype=tl.int32)
-        for g in tl.static_range(G):
-            qw = tl.load(qc_ptr + n * s_qn + (hh[:, None] * G + g) * s_qh + w[None, :] * s_qw, mask=hw, other=0)
-            acc += _popc(kc ^ qw[None, None, :, :], HW_POPC)  # padded words: 0 ^ 0
-        ham = tl.sum(acc, axis=3)
-        sim = (G * W * 32 - ham).to(tl.float32)
-        t3 = tv[:, :, None]
-        if REDUCE_MAX:
-            sc = tl.max(tl.where(t3, sim, float("-inf")), axis=1)
+        out_tile = out_ptr + n * s_on + hh[None, :] * s_oh + p[:, None] * s_op
+        out_mask = (p < P)[:, None] & (hh < HKV)[None, :]
+        if pc * PAGES < npages:
+            pv = (p < npages) & (p < P) & (p < MAXB)
+            blk = tl.load(bt_ptr + n * s_btn + p * s_btp, mask=pv, other=0).to(tl.int64)
+            o = tl.arange(0, BS)
+            w = tl.arange(0, W_PAD)
+            tv = pv[:, None] & ((p[:, None] * BS + o[None, :]) < seq)  # [PAGES, BS]
+            hw = (hh < HKV)[:, None] & (w < W)[None, :]  # [HKV_PAD, W_PAD]
+            m4 = tv[:, :, None, None] & hw[None, None, :, :]
+            addr = (blk[:, None, None, None] * s_cb + o[None, :, None, None] * s_ct
+                    + hh[None, None, :, None] * s_ch + w[None, None, None, :] * s_cw)
+            kc = tl.load(c_ptr + addr, mask=m4, other=0)
+            acc = tl.zeros([PAGES, BS, HKV_PAD, W_PAD], dtype=tl.int32)
+            for g in tl.static_range(G):
+                qw = tl.load(qc_ptr + n * s_qn + (hh[:, None] * G + g) * s_qh + w[None, :] * s_qw, mask=hw, other=0)
+                acc += _popc(kc ^ qw[None, None, :, :], HW_POPC)  # padded words: 0 ^ 0
+            ham = tl.sum(acc, axis=3)
+            sim = (G * W * 32 - ham).to(tl.float32)
+            t3 = tv[:, :, None]
+            if REDUCE_MAX:
+                sc = tl.max(tl.where(t3, sim, float("-inf")), axis=1)
+            else:
+                sc = tl.sum(tl.where(t3, sim, 0.0), axis=1)  # [PAGES, HKV_PAD]
+            tl.store(out_tile, tl.where((p < npages)[:, None], sc, float("-inf")), mask=out_mask)
         else:
-            sc = tl.sum(tl.where(t3, sim, 0.0), axis=1)  # [PAGES, HKV_PAD]
-        sc = tl.where((p < npages)[:, None], sc, float("-inf"))
-        tl.store(out_ptr + n * s_on + hh[None, :] * s_oh + p[:, None] * s_op, sc,
-                 mask=(p < P)[:, None] & (hh < HKV)[None, :])
+            tl.store(out_tile, tl.full([PAGES, HKV_PAD], float("-inf"), tl.float32), mask=out_mask)
 
 
 QUEST_TILE_ELEMS = 8192  # bound elements (min and max, all KV heads) per quest-scoring program
@@ -228,7 +232,8 @@ def quest_page_scores_triton(q, bounds, block_table, seq_lens, max_pages, block_
     return out
 
 
-def hash_page_scores_triton(q_codes, codes, block_table, seq_lens, max_pages, reduce="max"):
+def hash_page_scores_triton(q_codes, codes, block_table, seq_lens, max_pages, reduce="max", pages: int | None = None):
+    """`pages` per program: a knob for tuning and tests (default from HASH_TILE_WORDS)."""
     assert reduce in ("max", "sum")
     N, Hq, W = q_codes.shape
     _, bs, Hkv, _ = codes.shape
@@ -236,7 +241,7 @@ def hash_page_scores_triton(q_codes, codes, block_table, seq_lens, max_pages, re
     if N == 0 or max_pages == 0:
         return out
     HKV_PAD, W_PAD = next_pow2(Hkv), next_pow2(W)
-    PAGES = max(1, min(64, HASH_TILE_WORDS // (bs * HKV_PAD * W_PAD)))
+    PAGES = pages or max(1, min(64, HASH_TILE_WORDS // (bs * HKV_PAD * W_PAD)))
     grid = (cdiv(max_pages, PAGES), N)
     _hash_score_kernel[grid](
         q_codes, codes, block_table, seq_lens, out,
