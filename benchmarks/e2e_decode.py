@@ -2,7 +2,7 @@
 and sparsekv configurations on the same model, prompts and settings, one configuration per process.
 
     python benchmarks/e2e_decode.py [--model DIR | --llama8b-dummy] [--configs fa3,triton,full,quest16,...]
-        [--grid 8:32768,1:32768,16:8192,4:131072] [--out benchmarks/results]
+        [--grid 8:32768,1:32768,16:8192,4:130944] [--out benchmarks/results] [--profile-steps 5]
 
 Each configuration starts its own `LLM` (a fresh process: two engines in one process keep GPU
 memory), with prefix caching off, bf16 and FULL CUDA graphs for decode (compilation off, so every
@@ -12,13 +12,25 @@ it prefills `batch` random prompts of `context` tokens and decodes `--output` to
 first token, over output-1 steps) and the time to first token (the batch's prefill). Rows go to
 benchmarks/results/e2e_decode_<device>.json (schema in `ROW_KEYS`), with command, device,
 versions and commit; a table is printed and a PNG of speedup vs context is written.
+
+Each row also records GPU memory (device memory in use after the point, NVML, and the KV cache
+vLLM allocated). `--profile-steps N` adds "step_split": after the timed run of a point, the same
+prompts run once more under vLLM's torch profiler (`profiler_config`, CUDA activity only), which
+records N decode steps after prefill and 8 warm-up steps; the GPU kernel time per step is split into
+GEMMs, dense attention, our score / select / attend / summary kernels, the KV write and the rest
+(`step_split`). The timed numbers never come from a profiled run.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
+import gzip
+import importlib
 import json
+import math
 import os
+import pkgutil
 import random
 import re
 import subprocess
@@ -28,7 +40,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ROW_KEYS = ("backend", "method", "page_size", "budget", "batch", "context", "cuda_graphs", "decode_tok_s",
-            "ttft_s", "speedup_vs_fa3", "speedup_vs_triton", "step_ms", "step_split")
+            "ttft_s", "speedup_vs_fa3", "speedup_vs_triton", "step_ms", "step_split", "gpu_mem_used_gib",
+            "kv_cache_tokens")
 
 # name -> (attention backend, block size, sparsekv config or None)
 CONFIGS = {
@@ -58,6 +71,138 @@ def write_llama8b(path: Path, layers: int = 32) -> Path:
     return path
 
 
+# --- per-step time split from a torch-profiler trace -------------------------------------------
+
+# our kernels: the module of vllm_sparsekv.kernels that defines a Triton kernel -> its category.
+# `_hash_kernel` serves both the key codes (KV write) and the query codes (scoring): one name in a
+# trace, counted as summaries.
+OUR_MODULES = {"page_scores": "sparsekv_score", "page_select": "sparsekv_select",
+               "sparse_decode": "sparsekv_attend", "page_bounds": "sparsekv_summaries",
+               "hash_codes": "sparsekv_summaries"}
+# everything else, by kernel name, first match wins: the KV write (`reshape_and_cache_flash`) before
+# dense attention, and FA3 (CUTLASS templates) before the GEMM patterns.
+NAME_RULES = (
+    ("kv_write", re.compile(r"reshape_and_cache|concat_and_cache", re.I)),
+    ("dense_attn", re.compile(r"flash|FlashAttn|fmha|kernel_unified_attention|reduce_segments|"
+                              r"paged_attention|attention_kernel", re.I)),
+    ("gemm", re.compile(r"gemm|gemv|nvjet|cublas|cutlass|xmma|matmul|splitKreduce", re.I)),
+)
+SPLIT_KEYS = ("gemm", "dense_attn", "sparsekv_score", "sparsekv_select", "sparsekv_attend",
+              "sparsekv_summaries", "sparsekv_other", "kv_write", "memcpy", "other")
+
+
+def our_kernels() -> dict[str, str]:
+    """{Triton kernel name: category} for every @triton.jit function in vllm_sparsekv.kernels, read
+    from the package itself so that a renamed or new kernel is not silently counted as "other"."""
+    import vllm_sparsekv.kernels as pkg
+
+    try:
+        from triton.runtime.jit import JITFunction
+    except ImportError:
+        return {}
+    out = {}
+    for info in pkgutil.iter_modules(pkg.__path__):
+        mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
+        for name, obj in vars(mod).items():
+            if isinstance(obj, JITFunction):
+                out[name] = OUR_MODULES.get(info.name, "sparsekv_other")
+    return out
+
+
+def kernel_category(name: str, ours: dict[str, str]) -> str:
+    """Category of one GPU kernel by its trace name (C++ names included: `void ns::kern<...>(...)`)."""
+    base = re.sub(r"^void\s+", "", name).split("(")[0].split("<")[0].split("::")[-1].strip()
+    if base in ours:
+        return ours[base]
+    for cat, rx in NAME_RULES:
+        if rx.search(name):
+            return cat
+    return "other"
+
+
+def trace_events(paths) -> list[dict]:
+    """The traceEvents of torch-profiler chrome traces (.json or .json.gz)."""
+    events = []
+    for path in paths:
+        opener = gzip.open if str(path).endswith(".gz") else open
+        with opener(path, "rt") as f:
+            events += json.load(f).get("traceEvents", [])
+    return events
+
+
+def step_split(events: list[dict], steps: int, ours: dict[str, str], top: int = 6,
+               cats=("kernel", "gpu_memcpy", "gpu_memset")) -> dict:
+    """GPU time per decode step by category (ms), from the complete events of a trace that covers
+    `steps` steps. Also the busy span per step (first start to last end over steps: launch gaps and
+    host waits included) and the largest "other" kernels, to show what the split leaves out."""
+    per = dict.fromkeys(SPLIT_KEYS, 0.0)
+    other: dict[str, float] = {}
+    n, t0, t1 = 0, math.inf, -math.inf
+    for e in events:
+        if e.get("ph") != "X" or e.get("cat") not in cats:
+            continue
+        dur = float(e.get("dur", 0.0))
+        cat = "memcpy" if e["cat"] in ("gpu_memcpy", "gpu_memset") else kernel_category(e.get("name", ""), ours)
+        per[cat] += dur
+        if cat == "other":
+            other[e.get("name", "")] = other.get(e.get("name", ""), 0.0) + dur
+        n += 1
+        t0, t1 = min(t0, float(e["ts"])), max(t1, float(e["ts"]) + dur)
+    ms = {k: round(v / 1000 / steps, 4) for k, v in per.items()}
+    return {"steps": steps, "kernels_per_step": round(n / steps, 1), "gpu_ms": ms,
+            "gpu_busy_ms": round(sum(per.values()) / 1000 / steps, 4),
+            "span_ms": round((t1 - t0) / 1000 / steps, 4) if n else None,
+            "top_other": [[k[:120], round(v / 1000 / steps, 4)]
+                          for k, v in sorted(other.items(), key=lambda kv: -kv[1])[:top]]}
+
+
+def profile_point(llm, prompts, a, batch: int, ctx: int, trace_dir: Path) -> dict:
+    """Run the point's prompts once more with vLLM's profiler on for `a.profile_steps` decode steps:
+    it starts after every prompt's prefill (chunks of `a.chunk` tokens) and 8 warm-up steps, and the
+    requests generate long enough that the batch stays full while it records."""
+    from vllm import SamplingParams
+
+    prefill_steps = math.ceil(batch * ctx / a.chunk) + 1
+    delay = prefill_steps + 8
+    sp = SamplingParams(temperature=0.0, max_tokens=delay + a.profile_steps + 8, ignore_eos=True, detokenize=False)
+    prefix = f"b{batch}_c{ctx}"
+    llm.start_profile(prefix, delay_iterations=delay, max_iterations=a.profile_steps)
+    llm.generate(prompts, sp, use_tqdm=False)
+    llm.stop_profile()
+    for _ in range(120):  # the worker writes the trace when it stops; allow for a slow gzip
+        paths = sorted(glob.glob(str(trace_dir / f"{prefix}_*.pt.trace.json*")))
+        if paths:
+            break
+        time.sleep(1)
+    else:
+        return {"error": f"no trace file for {prefix} in {trace_dir}"}
+    time.sleep(2)  # a file that just appeared may still be written
+    split = step_split(trace_events(paths), a.profile_steps, our_kernels())
+    split["trace"] = [Path(p).name for p in paths]
+    return split
+
+
+def gpu_memory(llm, block: int) -> dict:
+    """Device memory in use (NVML: every process, so the engine's weights, KV cache and graphs) and
+    the KV cache vLLM sized for this configuration."""
+    out = {"gpu_mem_used_gib": None, "kv_cache_tokens": None}
+    try:
+        blocks = llm.llm_engine.vllm_config.cache_config.num_gpu_blocks
+        out["kv_cache_tokens"] = None if blocks is None else int(blocks) * block
+    except AttributeError:
+        pass
+    try:
+        from vllm.third_party import pynvml
+
+        pynvml.nvmlInit()
+        dev = int((os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0])
+        info = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(dev))
+        out["gpu_mem_used_gib"] = round(info.used / 2**30, 2)
+    except Exception:  # noqa: BLE001 - no NVML (CPU host): memory stays unrecorded
+        pass
+    return out
+
+
 def run_config(a) -> None:
     """In the child: one engine, every grid point, one JSON line per point on stdout."""
     from vllm import LLM, SamplingParams
@@ -76,6 +221,12 @@ def run_config(a) -> None:
         kw["load_format"] = "dummy"
     if sparse is not None:
         kw["additional_config"] = {"sparsekv": sparse}
+    trace_dir = Path(a.trace_dir or f"/tmp/e2e_traces/{a.run}")
+    if a.profile_steps:
+        trace_dir.mkdir(parents=True, exist_ok=True)
+        kw["profiler_config"] = {"profiler": "torch", "torch_profiler_dir": str(trace_dir),
+                                 "torch_profiler_activities": ["CUDA"], "torch_profiler_with_stack": False,
+                                 "ignore_frontend": True}
     llm = LLM(**kw)
     rng = random.Random(0)
     sp = SamplingParams(temperature=0.0, max_tokens=a.output, ignore_eos=True, detokenize=False)
@@ -91,11 +242,15 @@ def run_config(a) -> None:
         start = min(x.scheduled_ts for x in m)
         steps = a.output - 1
         decode_s = last - first
-        print("ROW " + json.dumps({
-            "config": a.run, "batch": batch, "context": ctx, "decode_tok_s": batch * steps / decode_s,
-            "step_ms": 1000 * decode_s / steps, "ttft_s": first - start, "wall_s": wall,
-            "preemptions": sum(x.num_preemptions for x in m),
-        }), flush=True)
+        row = {"config": a.run, "batch": batch, "context": ctx, "decode_tok_s": batch * steps / decode_s,
+               "step_ms": 1000 * decode_s / steps, "ttft_s": first - start, "wall_s": wall,
+               "preemptions": sum(x.num_preemptions for x in m), **gpu_memory(llm, block)}
+        if a.profile_steps:
+            try:
+                row["step_split"] = profile_point(llm, prompts, a, batch, ctx, trace_dir)
+            except Exception as e:  # noqa: BLE001 - a failed profile must not lose the timed row
+                row["step_split"] = {"error": repr(e)[:500]}
+        print("ROW " + json.dumps(row), flush=True)
 
 
 def main() -> int:
@@ -110,6 +265,9 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--commit", default=os.environ.get("SPARSEKV_COMMIT", "unknown"))
     ap.add_argument("--timeout", type=int, default=900)
+    ap.add_argument("--profile-steps", type=int, default=0,
+                    help="profile this many decode steps per point (after the timed run) -> step_split")
+    ap.add_argument("--trace-dir", default=None, help="where the profiler writes traces (default /tmp/e2e_traces/NAME)")
     ap.add_argument("--merge", nargs="+", default=None,
                     help="combine the rows of earlier result files (runs of disjoint configurations on the "
                          "same machine) into one file, ratios recomputed")
@@ -131,7 +289,8 @@ def main() -> int:
     for name in a.configs.split(","):
         grid = per_config.get(name, a.grid)
         cmd = [sys.executable, __file__, "--run", name, "--model", a.model, "--grid", grid,
-               "--output", str(a.output), "--chunk", str(a.chunk)] + (["--dummy"] if a.llama8b_dummy else [])
+               "--output", str(a.output), "--chunk", str(a.chunk), "--profile-steps", str(a.profile_steps)]
+        cmd += (["--dummy"] if a.llama8b_dummy else []) + (["--trace-dir", f"{a.trace_dir}/{name}"] if a.trace_dir else [])
         t0 = time.time()
         try:
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
@@ -195,7 +354,8 @@ def build_rows(raw: list[dict]) -> list[dict]:
             "backend": backend, "method": None if sparse is None else sparse["method"], "page_size": block,
             "budget": budget, "batch": r["batch"], "context": r["context"], "cuda_graphs": "FULL decode",
             "decode_tok_s": round(r["decode_tok_s"], 1), "ttft_s": round(r["ttft_s"], 3),
-            "step_ms": round(r["step_ms"], 3), "step_split": None, "preemptions": r["preemptions"],
+            "step_ms": round(r["step_ms"], 3), "step_split": r.get("step_split"), "preemptions": r["preemptions"],
+            "gpu_mem_used_gib": r.get("gpu_mem_used_gib"), "kv_cache_tokens": r.get("kv_cache_tokens"),
         })
     return rescore(rows)
 
@@ -208,6 +368,24 @@ def print_table(rows: list[dict]) -> None:
               f"{r['batch']:>3} {r['context']:>7} {r['decode_tok_s']:>8.1f} {r['step_ms']:>8.2f} "
               f"{r['speedup_vs_fa3'] or 0:>6.2f} {r['speedup_vs_triton'] or 0:>7.2f} {r['ttft_s']:>7.2f} "
               f"{r['ttft_vs_fa3'] or 0:>8.3f}")
+    split_rows = [r for r in rows if isinstance(r.get("step_split"), dict) and "gpu_ms" in r["step_split"]]
+    if split_rows:
+        short = {"sparsekv_score": "score", "sparsekv_select": "select", "sparsekv_attend": "attend",
+                 "sparsekv_summaries": "summ", "sparsekv_other": "ours_other", "dense_attn": "dense_attn"}
+        keys = [k for k in SPLIT_KEYS if any(r["step_split"]["gpu_ms"].get(k) for r in split_rows)]
+        print("\nGPU ms per decode step (profiled run; busy = sum of kernels, span = first start to last end)")
+        print(f"{'backend':12} {'method':6} {'page':>4} {'budget':>7} {'B':>3} {'ctx':>7} {'step':>7} "
+              + " ".join(f"{short.get(k, k):>10}" for k in keys) + f" {'busy':>7} {'span':>7} {'kern':>6}")
+        for r in split_rows:
+            sp = r["step_split"]
+            print(f"{r['backend']:12} {str(r['method'] or '-'):6} {r['page_size']:>4} {str(r['budget'] or '-'):>7} "
+                  f"{r['batch']:>3} {r['context']:>7} {r['step_ms']:>7.2f} "
+                  + " ".join(f"{sp['gpu_ms'].get(k, 0):>10.3f}" for k in keys)
+                  + f" {sp['gpu_busy_ms']:>7.2f} {sp['span_ms'] or 0:>7.2f} {sp['kernels_per_step']:>6.0f}")
+    for r in rows:
+        if isinstance(r.get("step_split"), dict) and "error" in r["step_split"]:
+            print(f"profile failed for {r['backend']} {r['method']} B={r['batch']} ctx={r['context']}: "
+                  f"{r['step_split']['error'][:200]}")
 
 
 def plot(rows: list[dict], path: Path) -> None:
