@@ -1,7 +1,14 @@
 """Sparse paged decode vs dense, one layer, on the GPU (issue 3).
 
-For each (batch, context, page size): dense paged decode (our kernel, every page), torch SDPA over
-contiguous K/V (external peer, GQA as a G-row query per KV head), and for each method (quest,
+For each (batch, context, page size): dense paged decode (our kernel, every page) and the dense peers
+(`PEERS`; each one optional, skipped with a printed reason when it does not import or run): torch
+SDPA over contiguous K/V (GQA as a G-row query per KV head); FlashAttention-3's paged decode from
+vLLM 0.33 (`vllm.vllm_flash_attn.flash_attn_varlen_func` over the same paged cache and block table,
+as vLLM's FULL-graph decode calls it: AOT scheduler metadata, at most 32 splits; and with FA3's own
+split heuristic); xformers' split-K paged decode (`xformers.ops.fmha.triton_splitk`, which needs pages
+of a multiple of 64 tokens: it reads the same bytes as 64-token pages under its own random block
+table). Every peer's output is checked against a reference. The sparse rows' ratio is against the
+best (fastest) dense kernel of the row; ratios against our dense and SDPA are kept too. For each method (quest,
 hash-128, spotlight-128) and budget: sparse total (score + top-k + attend) and its parts.
 `spotlight` is the trained hash as the backend runs it: its query MLP (hidden layer, SiLU, folded
 last layer: `methods/spotlight.py`) runs on every decode step inside the timed score part, so its
@@ -150,6 +157,150 @@ class Case:
         return lambda: K.hash_page_scores(K.hash_query(self.q, self.proj), self.codes, self.bt, self.sl, self.P, "max")
 
 
+class PeerUnavailable(Exception):
+    """A dense peer that cannot run here (not installed, wrong GPU, unsupported shape)."""
+
+
+def attn_ref(q, k_tok, v_tok, scale):
+    """float32 decode attention of q [n, Hq, D] over tokens k_tok/v_tok [n, L, Hkv, D] (GQA by group)."""
+    n = q.shape[0]
+    qg = q.float().view(n, HKV, G, D)
+    s = torch.einsum("nhgd,nlhd->nhgl", qg, k_tok.float()) * scale
+    return torch.einsum("nhgl,nlhd->nhgd", s.softmax(-1), v_tok.float()).reshape(n, HQ, D)
+
+
+def rel_err(out, ref) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def peer_sdpa(c: "Case"):
+    """torch SDPA (flash / memory-efficient) over contiguous K/V gathered once outside the timing."""
+    f, ref, keep = c.sdpa()
+    return f, lambda: f().reshape(c.N, HQ, D), keep, {}
+
+
+def _fa3(c: "Case", num_splits: int | None):
+    try:
+        from vllm.vllm_flash_attn import flash_attn_interface as fai
+    except Exception as e:  # noqa: BLE001
+        raise PeerUnavailable(f"vllm.vllm_flash_attn does not import: {e!r}"[:200]) from None
+    if not fai.FA3_AVAILABLE:
+        raise PeerUnavailable(f"no FA3 extension: {fai.FA3_UNAVAILABLE_REASON}"[:200])
+    if torch.cuda.get_device_capability()[0] != 9:
+        raise PeerUnavailable("FA3 runs on Hopper (sm90) only")
+    cu_q = torch.arange(c.N + 1, dtype=torch.int32, device="cuda")
+    out = torch.empty_like(c.q)
+    md = None
+    if num_splits is not None:  # vLLM's FULL-graph decode: AOT schedule, max_num_splits
+        md = fai.get_scheduler_metadata(batch_size=c.N, max_seqlen_q=1, max_seqlen_k=c.L, num_heads_q=HQ,
+                                        num_heads_kv=HKV, headdim=D, cache_seqlens=c.sl, qkv_dtype=DT,
+                                        cu_seqlens_q=cu_q, page_size=c.bs, causal=True, num_splits=num_splits)
+
+    def f():
+        return fai.flash_attn_varlen_func(c.q, c.kc, c.vc, max_seqlen_q=1, cu_seqlens_q=cu_q, max_seqlen_k=c.L,
+                                          seqused_k=c.sl, softmax_scale=c.scale, causal=True, block_table=c.bt,
+                                          out=out, scheduler_metadata=md, num_splits=num_splits or 0, fa_version=3)
+    return f, lambda: (f(), out)[1], (cu_q, md), {"num_splits": num_splits or "heuristic"}
+
+
+def peer_fa3(c: "Case"):
+    return _fa3(c, 32)  # vLLM's attention_config.flash_attn_max_num_splits_for_cuda_graph
+
+
+def peer_fa3_auto(c: "Case"):
+    return _fa3(c, None)
+
+
+def xformers_inputs(c: "Case", page: int):
+    """xformers' paged split-K inputs over the case's K/V bytes: BMGHK queries [1, N, Hkv, G, D],
+    K/V [1, tokens, Hkv, G, D] (a KV head's G query heads share it: expand, no copy), and the paged
+    mask; the case's block table when its pages fit, else a random table of `page`-token pages."""
+    from xformers.ops.fmha.attn_bias import PagedBlockDiagonalPaddedKeysMask
+
+    T = c.kc.shape[0] * c.bs
+    if c.L % page or T % page:
+        raise PeerUnavailable(f"context {c.L} is not a whole number of {page}-token pages")
+    dev = c.q.device
+    bt = c.bt if page == c.bs else torch.randperm(T // page, device=dev).to(torch.int32)[: c.N * c.L // page]
+    bt = bt.reshape(c.N, c.L // page)
+    k5 = c.kc.reshape(1, T, HKV, 1, D).expand(1, T, HKV, G, D)
+    v5 = c.vc.reshape(1, T, HKV, 1, D).expand(1, T, HKV, G, D)
+    bias = PagedBlockDiagonalPaddedKeysMask.from_seqlens(q_seqlen=[1] * c.N, kv_seqlen=[c.L] * c.N,
+                                                         block_tables=bt, page_size=page, device=dev)
+    return c.q.view(1, c.N, HKV, G, D), k5, v5, bias, bt
+
+
+def peer_xformers(c: "Case"):
+    try:
+        from xformers.ops import fmha
+        from xformers.ops.fmha import triton_splitk
+    except Exception as e:  # noqa: BLE001
+        raise PeerUnavailable(f"xformers does not import: {e!r}"[:200]) from None
+    page = c.bs if c.bs % triton_splitk.FwOp.BLOCK_N == 0 else triton_splitk.FwOp.BLOCK_N
+    q5, k5, v5, bias, bt = xformers_inputs(c, page)
+
+    def f():
+        return fmha.memory_efficient_attention_forward(q5, k5, v5, attn_bias=bias, scale=c.scale,
+                                                       op=triton_splitk.FwOp)
+    return f, lambda: f().reshape(c.N, HQ, D), (bt, bias), {"page_size": page,
+                                                            "block_table": "own" if page != c.bs else "shared"}
+
+
+# name -> builder(case) -> (fn to time, fn giving the output [N, Hq, D], tensors to keep alive, notes)
+PEERS = {"sdpa": peer_sdpa, "fa3": peer_fa3, "fa3_auto": peer_fa3_auto, "xformers": peer_xformers}
+
+
+def peer_check_ref(c: "Case", name: str, notes: dict, dense_out, keep, n: int = 2):
+    """What a peer's output must match: our dense output when it reads our block table, else attention
+    over its own table's tokens for the first n requests (float32 reference)."""
+    if notes.get("block_table") != "own":
+        return dense_out, c.N
+    bt = keep[0][:n].long()
+    page = notes["page_size"]
+    tok = (bt[:, :, None] * page + torch.arange(page, device=bt.device)).reshape(n, -1)
+    kt = c.kc.reshape(-1, HKV, D)[tok]
+    vt = c.vc.reshape(-1, HKV, D)[tok]
+    return attn_ref(c.q[:n], kt, vt, c.scale), n
+
+
+def time_peers(c: "Case", dense_out, reps: int, skipped: dict) -> tuple[dict, dict]:
+    """ms and checks of every dense peer on this case. A peer that cannot run is skipped (reason in
+    `skipped`, printed once); one that cannot be captured in a CUDA graph is timed eagerly."""
+    ms, info = {}, {}
+    for name, build in PEERS.items():
+        if name in skipped:
+            continue
+        try:
+            f, output, keep, notes = build(c)
+            out = output()
+            ref, n = peer_check_ref(c, name, notes, dense_out, keep)
+            notes["rel_err"] = rel_err(out[:n], ref[:n])
+            if not notes["rel_err"] < 2e-2:
+                raise PeerUnavailable(f"wrong output: rel err {notes['rel_err']:.2e}")
+            try:
+                ms[name] = bench(f, reps)
+                notes["timing"] = "graph"
+            except Exception as e:  # noqa: BLE001 - capture refused: time the launches as they are
+                torch.cuda.synchronize()
+                ms[name] = bench(f, reps, graph=False)
+                notes["timing"] = f"eager ({type(e).__name__})"
+            info[name] = notes
+            del f, output, keep, out, ref
+        except PeerUnavailable as e:
+            skipped[name] = str(e)
+            print(f"   dense peer {name} skipped: {e}", flush=True)
+        except Exception as e:  # noqa: BLE001 - a peer's failure must not sink the benchmark
+            skipped[name] = f"{type(e).__name__}: {e}"[:300]
+            print(f"   dense peer {name} failed, skipped from now on: {skipped[name]}", flush=True)
+    return ms, info
+
+
+def best_dense(ms: dict) -> tuple[str, float]:
+    """The fastest dense kernel of a row (ours included): the honest baseline of the ratios."""
+    name = min(ms, key=ms.get)
+    return name, ms[name]
+
+
 def row_bytes(c: Case, method, k):
     N, P, bs = c.N, c.P, c.bs
     kv_tok = 2 * D * 2  # K+V bf16 per token per KV head
@@ -171,7 +322,8 @@ def run(args):
            "config": {"Hq": HQ, "Hkv": HKV, "D": D, "dtype": "bfloat16", "sink_pages": SINK,
                       "recent_pages": RECENT, "hash_bits": BITS, "spotlight_hidden": HIDDEN, "reps": args.reps,
                       "timing": "median of CUDA-event-timed CUDA-graph replays, L2 flushed before each"},
-           "rows": []}
+           "rows": [], "dense": [],
+           "peers_skipped": {k: "not asked for (--peers)" for k in PEERS if k not in args.peers.split(",")}}
     res["hbm_copy_TBps"] = hbm_copy_TBps()
     print(f"device {dev}: D2D copy {res['hbm_copy_TBps']:.2f} TB/s (read+write)", flush=True)
     batches, contexts, pages = [1, 8, 32], [8192, 32768, 131072], [16, 32]
@@ -184,13 +336,17 @@ def run(args):
                 c = Case(N, L, bs)
                 dense_ms = bench(c.dense(), args.reps)
                 dense_out = c.out.clone()
-                f, sref, keep = c.sdpa()
-                sdpa_ms = bench(f, args.reps)
-                del keep, f
-                err = ((dense_out.float() - sref.float()).norm() / sref.float().norm()).item()
+                peers_ms, peers_info = time_peers(c, dense_out, args.reps, res["peers_skipped"])
+                all_ms = {"ours": dense_ms, **peers_ms}
+                best, best_ms = best_dense(all_ms)
+                sdpa_ms = peers_ms.get("sdpa")
+                err = peers_info.get("sdpa", {}).get("rel_err")
                 dense_b, _ = row_bytes(c, "quest", c.P)
-                print(f"N={N:3d} L={L:6d} bs={bs}: dense {dense_ms:.3f} ms ({dense_b / dense_ms / 1e9:.2f} TB/s), "
-                      f"sdpa {sdpa_ms:.3f} ms, dense-vs-sdpa rel err {err:.1e}", flush=True)
+                res["dense"].append({"batch": N, "context": L, "page_size": bs, "ms": all_ms, "info": peers_info,
+                                     "best_dense": best, "dense_bytes": dense_b,
+                                     "TBps": {k: dense_b / v / 1e9 for k, v in all_ms.items()}})
+                print(f"N={N:3d} L={L:6d} bs={bs}: dense " + ", ".join(f"{k} {v:.3f}" for k, v in all_ms.items())
+                      + f" ms; best {best} ({dense_b / best_ms / 1e9:.2f} TB/s)", flush=True)
                 for method in args.methods:
                     score = c.score(method)
                     sc = score()
@@ -214,7 +370,10 @@ def run(args):
                                "budget": bname, "budget_fraction": frac, "budget_pages": k,
                                "dense_ms": dense_ms, "sdpa_ms": sdpa_ms, "sparse_ms": sparse_ms,
                                "score_ms": score_ms, "topk_ms": topk_ms, "attend_ms": attend_ms,
-                               "speedup_vs_dense": dense_ms / sparse_ms, "speedup_vs_sdpa": sdpa_ms / sparse_ms,
+                               "best_dense": best, "best_dense_ms": best_ms,
+                               "speedup_vs_best_dense": best_ms / sparse_ms,
+                               "speedup_vs_dense": dense_ms / sparse_ms,
+                               "speedup_vs_sdpa": sdpa_ms / sparse_ms if sdpa_ms else None,
                                "floor_speedup": db / sb, "dense_bytes": db, "sparse_bytes": sb,
                                "achieved_TBps": sb / sparse_ms / 1e9, "dense_TBps": db / dense_ms / 1e9,
                                "dense_frac_of_copy_bw": db / dense_ms / 1e9 / res["hbm_copy_TBps"],
@@ -223,11 +382,33 @@ def run(args):
                         res["rows"].append(row)
                         print(f"   {method:5s} {bname:>4s} k={k:5d}: sparse {sparse_ms:.3f} ms "
                               f"(score {score_ms:.3f} topk {topk_ms:.3f} attend {attend_ms:.3f}) "
-                              f"x{row['speedup_vs_dense']:.2f} vs dense, x{row['speedup_vs_sdpa']:.2f} vs sdpa, "
+                              f"x{row['speedup_vs_best_dense']:.2f} vs best dense ({best}), "
+                              f"x{row['speedup_vs_dense']:.2f} vs ours, "
                               f"floor x{row['floor_speedup']:.1f}, {row['achieved_TBps']:.2f} TB/s", flush=True)
                 c.free()
                 print(f"   ({time.time() - t0:.0f}s)", flush=True)
+    print_summary(res)
     return res
+
+
+def print_summary(res) -> None:
+    """The two tables of the run: dense kernels side by side, then sparse against the best dense."""
+    names = ["ours", *[k for k in PEERS if any(k in d["ms"] for d in res["dense"])]]
+    print("\ndense decode, ms (TB/s of the best)")
+    print(f"{'B':>3} {'ctx':>7} {'page':>4} " + " ".join(f"{n:>9}" for n in names) + f" {'best':>9} {'TB/s':>5}")
+    for d in res["dense"]:
+        print(f"{d['batch']:>3} {d['context']:>7} {d['page_size']:>4} "
+              + " ".join(f"{d['ms'][n]:>9.3f}" if n in d["ms"] else f"{'-':>9}" for n in names)
+              + f" {d['best_dense']:>9} {d['TBps'][d['best_dense']]:>5.2f}")
+    for name, why in res["peers_skipped"].items():
+        print(f"skipped {name}: {why}")
+    print("\nsparse, x vs the best dense kernel of the row")
+    print(f"{'method':9} {'B':>3} {'ctx':>7} {'page':>4} {'budget':>6} {'ms':>7} {'x best':>7} {'best':>9} "
+          f"{'x ours':>7} {'floor x':>7}")
+    for r in res["rows"]:
+        print(f"{r['method']:9} {r['batch']:>3} {r['context']:>7} {r['page_size']:>4} {r['budget']:>6} "
+              f"{r['sparse_ms']:>7.3f} {r['speedup_vs_best_dense']:>7.2f} {r['best_dense']:>9} "
+              f"{r['speedup_vs_dense']:>7.2f} {r['floor_speedup']:>7.1f}")
 
 
 def tune(args):
@@ -367,7 +548,8 @@ def plot(res, path):
                     rs = sorted((r for r in res["rows"] if r["context"] == L and r["method"] == method
                                  and r["page_size"] == bs and r["batch"] == N), key=lambda r: r["budget_fraction"])
                     if rs:
-                        ax.plot([r["budget_fraction"] for r in rs], [r["speedup_vs_dense"] for r in rs], ls,
+                        ax.plot([r["budget_fraction"] for r in rs],
+                                [r.get("speedup_vs_best_dense", r["speedup_vs_dense"]) for r in rs], ls,
                                 marker=mk, color=col, label=f"{method} p{bs} B{N}", alpha=0.8)
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -375,7 +557,7 @@ def plot(res, path):
         ax.set_xticklabels(["2%", "1/32", "1/16", "1/8"])
         ax.set_title(f"context {L // 1024}K")
         ax.set_xlabel("budget (fraction of pages)")
-        ax.set_ylabel("speedup vs our dense paged decode")
+        ax.set_ylabel("speedup vs the best dense decode kernel")
         ax.grid(True, which="both", alpha=0.3)
     axes[0][-1].legend(fontsize=7, ncol=2)
     fig.suptitle(f"sparse decode speedup, {res['device']}, GQA 32/8, d=128, bf16")
@@ -391,6 +573,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="only B=8, L=128K")
     ap.add_argument("--methods", type=lambda x: [m for m in x.split(",") if m], default=["quest", "hash", "spotlight"],
                     help="comma list of quest, hash, spotlight")
+    ap.add_argument("--peers", default=",".join(PEERS), help=f"dense peers to time, comma list of {', '.join(PEERS)}")
     ap.add_argument("--tune", action="store_true", help="sweep the dense launch knobs first")
     ap.add_argument("--sweep", action="store_true", help="sweep the sparse parts' knobs, then exit")
     ap.add_argument("--parts", action="store_true", help="B=8 128K target cases part by part, then exit")
