@@ -51,3 +51,22 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "engine" in item.keywords or "server" in item.keywords:
                 item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def load_benchmark():
+    """benchmarks/<name>.py as a module, loaded once per session (benchmarks/ holds scripts, not a
+    package)."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    mods = {}
+
+    def load(name: str):
+        if name not in mods:
+            spec = importlib.util.spec_from_file_location(f"bench_{name}", root / f"{name}.py")
+            mods[name] = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mods[name])
+        return mods[name]
+    return load

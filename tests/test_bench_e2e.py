@@ -3,22 +3,16 @@ arithmetic. The GPU run itself is not reproducible here, so the parts are checke
 from H100/H200 traces, synthetic traces, and a real torch-profiler trace written on CPU."""
 
 import gzip
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def e2e():
-    spec = importlib.util.spec_from_file_location("bench_e2e", ROOT / "benchmarks" / "e2e_decode.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def e2e(load_benchmark):
+    return load_benchmark("e2e_decode")
 
 
 def test_every_triton_kernel_of_ours_has_a_category(e2e):

@@ -2,8 +2,6 @@
 wrong output or no library is skipped with its reason, and the layouts the peers read (xformers'
 paged mask checked through its own `materialize` when xformers imports)."""
 
-import importlib.util
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -12,15 +10,11 @@ import torch
 from vllm_sparsekv.kernels import sparse_paged_decode_ref
 from vllm_sparsekv.kernels.testing import all_pages
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def kd():
-    spec = importlib.util.spec_from_file_location("bench_kernel_decode", ROOT / "benchmarks" / "kernel_decode.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def kd(load_benchmark):
+    return load_benchmark("kernel_decode")
 
 
 def fake_case(kd, N=2, L=128, bs=16, extra_blocks=8, seed=0):

@@ -1,8 +1,6 @@
 """benchmarks/serve.py against two local fake servers (sparse and dense)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 from conftest import needs_essays
@@ -10,15 +8,11 @@ from fake_server import FakeServer
 
 from sparsekv_eval.tokenization import as_tokenizer
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def serve():
-    spec = importlib.util.spec_from_file_location("bench_serve", ROOT / "benchmarks" / "serve.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def serve(load_benchmark):
+    return load_benchmark("serve")
 
 
 @needs_essays
