@@ -347,6 +347,7 @@ def launch_main(args) -> dict:
                            "model": "Llama-3-8B shape, dummy weights" if args.llama8b_dummy else args.model,
                            "args": {k: v for k, v in vars(args).items() if k != "argv"},
                            "servers": {}, "failures": {}}
+    path = out_dir / f"serve_{re.sub(r'[^A-Za-z0-9]+', '_', env['device']).strip('_')}.json"
     for name in names:
         backend, block, sparse = CONFIGS[name]
         port = launch.free_port()
@@ -373,16 +374,21 @@ def launch_main(args) -> dict:
             entry["stop_rc"] = stop_server(proc)
         doc["servers"][name] = entry
         print(f"[{name}] done in {time.monotonic() - t0:.0f} s", flush=True)
+        write_launch_report(doc, path)  # after every server: a run cut short keeps what it measured
+    print_launch_report(doc)
+    print(f"report -> {path}")
+    return doc
+
+
+def write_launch_report(doc: dict, path: Path) -> None:
+    """Ratios of every server that answered against the first dense one, and the JSON file."""
+    from e2e_decode import CONFIGS
+
     ok = {n: e for n, e in doc["servers"].items() if e.get("requests") and e["failed"] < e["requests"]}
     ref = next((n for n in ok if CONFIGS[n][2] is None), None)
     doc["reference"] = ref
     doc["ratios_vs_reference"] = {n: ratios(e, ok[ref]) for n, e in ok.items()} if ref else {}
-    tag = re.sub(r"[^A-Za-z0-9]+", "_", env["device"]).strip("_")
-    path = out_dir / f"serve_{tag}.json"
     path.write_text(json.dumps(doc, indent=1) + "\n")
-    print_launch_report(doc)
-    print(f"report -> {path}")
-    return doc
 
 
 def print_launch_report(doc: dict) -> None:
