@@ -303,16 +303,17 @@ def main() -> int:
             failures[name] = (err or "")[-3000:]
             print(failures[name], flush=True)
         rows += got
-    table = build_rows(rows)
-    dev = torch.cuda.get_device_name()
-    tag = re.sub(r"[^A-Za-z0-9]+", "_", dev).strip("_")
-    doc = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "device": dev,
-           "vllm": vllm.__version__, "torch": torch.__version__, "commit": a.commit,
-           "model": "Llama-3-8B shape, dummy weights" if a.llama8b_dummy else a.model,
-           "output_tokens": a.output, "rows": table, "failures": failures}
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"e2e_decode_{tag}.json").write_text(json.dumps(doc, indent=1))
+        table = build_rows(rows)
+        dev = torch.cuda.get_device_name()
+        tag = re.sub(r"[^A-Za-z0-9]+", "_", dev).strip("_")
+        doc = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "device": dev,
+               "vllm": vllm.__version__, "torch": torch.__version__, "commit": a.commit,
+               "model": "Llama-3-8B shape, dummy weights" if a.llama8b_dummy else a.model,
+               "output_tokens": a.output, "rows": table, "failures": failures}
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        # after every configuration: a device call cut short keeps the configurations it finished
+        (out / f"e2e_decode_{tag}.json").write_text(json.dumps(doc, indent=1))
     print_table(table)
     plot(table, out / f"e2e_decode_{tag}.png")
     return 0 if not failures else 1
