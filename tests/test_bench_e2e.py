@@ -144,3 +144,16 @@ def test_gpu_memory_reads_the_kv_cache_size(e2e):
     cache = type("C", (), {"num_gpu_blocks": 1000})()
     llm = type("L", (), {"llm_engine": type("E", (), {"vllm_config": type("V", (), {"cache_config": cache})()})()})()
     assert e2e.gpu_memory(llm, 16)["kv_cache_tokens"] == 16000
+
+
+def test_table_prints_the_split(e2e, capsys):
+    ev = [_ev("nvjet_a", 0, 3000), _ev("_quest_kernel", 3000, 500)]
+    split = e2e.step_split(ev, 1, {"_quest_kernel": "sparsekv_score"})
+    raw = [{"config": "quest16", "batch": 8, "context": 32768, "decode_tok_s": 900.0, "step_ms": 8.8, "ttft_s": 9.6,
+            "preemptions": 0, "step_split": split},
+           {"config": "fa3", "batch": 8, "context": 32768, "decode_tok_s": 640.0, "step_ms": 12.4, "ttft_s": 9.4,
+            "preemptions": 0, "step_split": {"error": "RuntimeError('no trace')"}}]
+    e2e.print_table(e2e.build_rows(raw))
+    out = capsys.readouterr().out
+    assert "gemm" in out and "score" in out and "dense_attn" not in out  # columns that have time only
+    assert "3.000" in out and "0.500" in out and "profile failed for FLASH_ATTN" in out

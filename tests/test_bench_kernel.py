@@ -107,3 +107,16 @@ def test_fa3_peer_says_why_it_cannot_run_here(kd):
         pass
     with pytest.raises(kd.PeerUnavailable, match="vllm_flash_attn|FA3"):
         kd.peer_fa3(fake_case(kd))
+
+
+def test_summary_tables(kd, capsys):
+    res = {"dense": [{"batch": 8, "context": 131072, "page_size": 16, "ms": {"ours": 1.46, "fa3": 1.31},
+                      "best_dense": "fa3", "TBps": {"ours": 2.9, "fa3": 3.2}}],
+           "peers_skipped": {"xformers": "xformers does not import"},
+           "rows": [{"method": "quest", "batch": 8, "context": 131072, "page_size": 16, "budget": "1/16",
+                     "sparse_ms": 0.226, "speedup_vs_best_dense": 1.31 / 0.226, "best_dense": "fa3",
+                     "speedup_vs_dense": 1.46 / 0.226, "floor_speedup": 7.9}]}
+    kd.print_summary(res)
+    out = capsys.readouterr().out
+    assert "skipped xformers: xformers does not import" in out and "3.20" in out
+    assert " 5.80 " in out and " 6.46 " in out  # x best dense (fa3), x ours
