@@ -15,10 +15,11 @@ versions and commit; a table is printed and a PNG of speedup vs context is writt
 
 Each row also records GPU memory (device memory in use after the point, NVML, and the KV cache
 vLLM allocated). `--profile-steps N` adds "step_split": after the timed run of a point, the same
-prompts run once more under vLLM's torch profiler (`profiler_config`, CUDA activity only), which
-records N decode steps after prefill and 8 warm-up steps; the GPU kernel time per step is split into
-GEMMs, dense attention, our score / select / attend / summary kernels, the KV write and the rest
-(`step_split`). The timed numbers never come from a profiled run.
+prompts run once more under vLLM's torch profiler (`profiler_config`), which records N decode
+steps after prefill and 8 warm-up steps; the GPU kernel time per step is split into GEMMs, dense
+attention, our score / select / attend / summary kernels, the KV write and the rest (`step_split`).
+With CPU activity on (the default) vLLM's step annotations are checked too: `steps_with_prefill`
+must be 0 and `decode_rows` the batch. The timed numbers never come from a profiled run.
 """
 
 from __future__ import annotations
@@ -87,6 +88,9 @@ NAME_RULES = (
                               r"paged_attention|attention_kernel", re.I)),
     ("gemm", re.compile(r"gemm|gemv|nvjet|cublas|cutlass|xmma|matmul|splitKreduce", re.I)),
 )
+# vLLM's worker names each profiled iteration (host annotation, with CPU activity on):
+# execute_context_<prefill requests>(<tokens>)_generation_<decode requests>(<tokens>)
+STEP_RX = re.compile(r"execute_context_(\d+)\((\d+)\)_generation_(\d+)\((\d+)\)")
 SPLIT_KEYS = ("gemm", "dense_attn", "sparsekv_score", "sparsekv_select", "sparsekv_attend",
               "sparsekv_summaries", "sparsekv_other", "kv_write", "memcpy", "other")
 
@@ -149,11 +153,17 @@ def step_split(events: list[dict], steps: int, ours: dict[str, str], top: int = 
         n += 1
         t0, t1 = min(t0, float(e["ts"])), max(t1, float(e["ts"]) + dur)
     ms = {k: round(v / 1000 / steps, 4) for k, v in per.items()}
-    return {"steps": steps, "kernels_per_step": round(n / steps, 1), "gpu_ms": ms,
-            "gpu_busy_ms": round(sum(per.values()) / 1000 / steps, 4),
-            "span_ms": round((t1 - t0) / 1000 / steps, 4) if n else None,
-            "top_other": [[k[:120], round(v / 1000 / steps, 4)]
-                          for k, v in sorted(other.items(), key=lambda kv: -kv[1])[:top]]}
+    out = {"steps": steps, "kernels_per_step": round(n / steps, 1), "gpu_ms": ms,
+           "gpu_busy_ms": round(sum(per.values()) / 1000 / steps, 4),
+           "span_ms": round((t1 - t0) / 1000 / steps, 4) if n else None,
+           "top_other": [[k[:120], round(v / 1000 / steps, 4)]
+                         for k, v in sorted(other.items(), key=lambda kv: -kv[1])[:top]]}
+    its = [m.groups() for e in events if e.get("cat") == "user_annotation" and (m := STEP_RX.match(e.get("name", "")))]
+    if its:  # the check that the window held decode steps only, each with the whole batch
+        out["annotated_steps"] = len(its)
+        out["steps_with_prefill"] = sum(int(c) > 0 for c, _, _, _ in its)
+        out["decode_rows"] = sorted({int(g) for _, _, g, _ in its})
+    return out
 
 
 def profile_point(llm, prompts, a, batch: int, ctx: int, trace_dir: Path) -> dict:
@@ -225,7 +235,8 @@ def run_config(a) -> None:
     if a.profile_steps:
         trace_dir.mkdir(parents=True, exist_ok=True)
         kw["profiler_config"] = {"profiler": "torch", "torch_profiler_dir": str(trace_dir),
-                                 "torch_profiler_activities": ["CUDA"], "torch_profiler_with_stack": False,
+                                 "torch_profiler_activities": a.profile_activities.split(","),
+                                 "torch_profiler_with_stack": False,
                                  "ignore_frontend": True}
     llm = LLM(**kw)
     rng = random.Random(0)
@@ -267,6 +278,8 @@ def main() -> int:
     ap.add_argument("--timeout", type=int, default=900)
     ap.add_argument("--profile-steps", type=int, default=0,
                     help="profile this many decode steps per point (after the timed run) -> step_split")
+    ap.add_argument("--profile-activities", default="CPU,CUDA",
+                    help="torch profiler activities: CUDA for the kernels, CPU for vLLM's step annotations")
     ap.add_argument("--trace-dir", default=None, help="where the profiler writes traces (default /tmp/e2e_traces/NAME)")
     ap.add_argument("--merge", nargs="+", default=None,
                     help="combine the rows of earlier result files (runs of disjoint configurations on the "
@@ -289,7 +302,8 @@ def main() -> int:
     for name in a.configs.split(","):
         grid = per_config.get(name, a.grid)
         cmd = [sys.executable, __file__, "--run", name, "--model", a.model, "--grid", grid,
-               "--output", str(a.output), "--chunk", str(a.chunk), "--profile-steps", str(a.profile_steps)]
+               "--output", str(a.output), "--chunk", str(a.chunk), "--profile-steps", str(a.profile_steps),
+               "--profile-activities", a.profile_activities]
         cmd += (["--dummy"] if a.llama8b_dummy else []) + (["--trace-dir", f"{a.trace_dir}/{name}"] if a.trace_dir else [])
         t0 = time.time()
         try:
@@ -383,6 +397,12 @@ def print_table(rows: list[dict]) -> None:
                   f"{r['batch']:>3} {r['context']:>7} {r['step_ms']:>7.2f} "
                   + " ".join(f"{sp['gpu_ms'].get(k, 0):>10.3f}" for k in keys)
                   + f" {sp['gpu_busy_ms']:>7.2f} {sp['span_ms'] or 0:>7.2f} {sp['kernels_per_step']:>6.0f}")
+    for r in split_rows:
+        sp = r["step_split"]
+        if sp.get("steps_with_prefill") or (sp.get("decode_rows") and sp["decode_rows"] != [r["batch"]]):
+            print(f"WARNING: the profiled steps of {r['backend']} {r['method']} B={r['batch']} ctx={r['context']} "
+                  f"were not all full decode steps: {sp.get('steps_with_prefill')} with prefill, "
+                  f"decode rows {sp.get('decode_rows')}")
     for r in rows:
         if isinstance(r.get("step_split"), dict) and "error" in r["step_split"]:
             print(f"profile failed for {r['backend']} {r['method']} B={r['batch']} ctx={r['context']}: "

@@ -67,6 +67,9 @@ def test_step_split_sums_per_category_and_step(e2e):
                _ev("void vllm::rms_norm_kernel<>", t + 450, 20), _ev("Memcpy HtoD", t + 470, 5, cat="gpu_memcpy")]
     ev += [_ev("aten::mm", 0, 5000, cat="cpu_op"), _ev("cudaGraphLaunch", 0, 9000, cat="cuda_runtime"),
            _ev("nvjet_tst_a", 0, 0, ph="i")]  # host events and instants are not GPU time
+    ev += [_ev("execute_context_0(0)_generation_8(8)", 0, 900, cat="user_annotation"),
+           _ev("execute_context_1(4000)_generation_7(7)", 1000, 900, cat="user_annotation"),
+           _ev("execute_context_1(4000)_generation_7(7)", 1000, 900, cat="gpu_user_annotation")]
     sp = e2e.step_split(ev, 2, ours)
     assert sp["gpu_ms"]["gemm"] == pytest.approx(0.3) and sp["gpu_ms"]["sparsekv_score"] == pytest.approx(0.1)
     assert sp["gpu_ms"]["sparsekv_attend"] == pytest.approx(0.05) and sp["gpu_ms"]["other"] == pytest.approx(0.02)
@@ -74,6 +77,7 @@ def test_step_split_sums_per_category_and_step(e2e):
     assert sp["gpu_busy_ms"] == pytest.approx(0.475) and sp["kernels_per_step"] == 5
     assert sp["span_ms"] == pytest.approx((1475 - 0) / 1000 / 2)
     assert sp["top_other"] == [["void vllm::rms_norm_kernel<>", 0.02]]
+    assert sp["annotated_steps"] == 2 and sp["steps_with_prefill"] == 1 and sp["decode_rows"] == [7, 8]
 
 
 def test_trace_file_from_the_torch_profiler(e2e, tmp_path):
@@ -148,6 +152,7 @@ def test_gpu_memory_reads_the_kv_cache_size(e2e):
 
 def test_table_prints_the_split(e2e, capsys):
     ev = [_ev("nvjet_a", 0, 3000), _ev("_quest_kernel", 3000, 500)]
+    ev.append(_ev("execute_context_1(99)_generation_7(7)", 0, 3500, cat="user_annotation"))
     split = e2e.step_split(ev, 1, {"_quest_kernel": "sparsekv_score"})
     raw = [{"config": "quest16", "batch": 8, "context": 32768, "decode_tok_s": 900.0, "step_ms": 8.8, "ttft_s": 9.6,
             "preemptions": 0, "step_split": split},
@@ -157,3 +162,4 @@ def test_table_prints_the_split(e2e, capsys):
     out = capsys.readouterr().out
     assert "gemm" in out and "score" in out and "dense_attn" not in out  # columns that have time only
     assert "3.000" in out and "0.500" in out and "profile failed for FLASH_ATTN" in out
+    assert "not all full decode steps: 1 with prefill, decode rows [7]" in out
