@@ -399,10 +399,11 @@ def print_table(rows: list[dict]) -> None:
                   + f" {sp['gpu_busy_ms']:>7.2f} {sp['span_ms'] or 0:>7.2f} {sp['kernels_per_step']:>6.0f}")
     for r in split_rows:
         sp = r["step_split"]
-        if sp.get("steps_with_prefill") or (sp.get("decode_rows") and sp["decode_rows"] != [r["batch"]]):
+        if sp.get("steps_with_prefill") or sp.get("annotated_steps", sp["steps"]) != sp["steps"] or (
+                sp.get("decode_rows") and sp["decode_rows"] != [r["batch"]]):
             print(f"WARNING: the profiled steps of {r['backend']} {r['method']} B={r['batch']} ctx={r['context']} "
-                  f"were not all full decode steps: {sp.get('steps_with_prefill')} with prefill, "
-                  f"decode rows {sp.get('decode_rows')}")
+                  f"were not {sp['steps']} full decode steps: {sp.get('annotated_steps')} steps, "
+                  f"{sp.get('steps_with_prefill')} with prefill, decode rows {sp.get('decode_rows')}")
     for r in rows:
         if isinstance(r.get("step_split"), dict) and "error" in r["step_split"]:
             print(f"profile failed for {r['backend']} {r['method']} B={r['batch']} ctx={r['context']}: "

@@ -162,4 +162,4 @@ def test_table_prints_the_split(e2e, capsys):
     out = capsys.readouterr().out
     assert "gemm" in out and "score" in out and "dense_attn" not in out  # columns that have time only
     assert "3.000" in out and "0.500" in out and "profile failed for FLASH_ATTN" in out
-    assert "not all full decode steps: 1 with prefill, decode rows [7]" in out
+    assert "were not 1 full decode steps: 1 steps, 1 with prefill, decode rows [7]" in out
