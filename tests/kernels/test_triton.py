@@ -206,7 +206,8 @@ SELECT_CASES = [(42, False), (42, True), (200, True), (120, "close")] + ([(8192,
 def test_select(P, ties, chunked):
     if chunked and not CUDA and (P > 64 or not ties):
         pytest.skip("interpreter: the chunked path is covered at P=42 with ties")
-    register_pages = (16 if not CUDA else 2048) if chunked else None  # rows longer than this: re-read chunks
+    # chunked: rows longer than register_pages re-read chunks; rows up to short_row_pages rank a smaller block
+    register_pages, short_rows = ((16, 8) if not CUDA else (2048, 512)) if chunked else (None, None)
     g = gen("sel", P, ties, chunked)
     bs = 16
     N, Hkv = 6, 3
@@ -231,7 +232,8 @@ def test_select(P, ties, chunked):
     for sink, recent, k_max in configs:
         ri, rn = page_select.select_pages_ref(sc, sl, bs, budget, sink, recent, k_max)
         with poisoned():
-            oi, on = page_select.select_pages_triton(sc, sl, bs, budget, sink, recent, k_max, register_pages)
+            oi, on = page_select.select_pages_triton(sc, sl, bs, budget, sink, recent, k_max, register_pages,
+                                                     short_rows)
         assert torch.equal(on.cpu(), rn.cpu()), (sink, recent, k_max)
         assert torch.equal(oi.cpu(), ri.cpu()), (sink, recent, k_max)
 
