@@ -12,7 +12,12 @@ Differences from RULER, on purpose:
 - every sample starts its essay haystack at a random word offset (RULER always starts at the first
   essay), so samples differ in their haystack as well as their needles;
 - ``depth`` may be fixed (the needle grid) and is then matched on the *character* fraction of the
-  context at a sentence boundary; each sample records the measured token depth of every needle.
+  context at a sentence boundary; each sample records the measured token depth of every needle;
+- ``corpus``: the essay-haystack tasks can draw their haystack from Python's standard-library
+  sources instead (``"code"``: whole lines, needles between lines), or from either per sample
+  (``"mixed"``), so that a method is not tuned to one kind of text;
+- ``vary_needles``: each niah sample takes one of ``NEEDLE_PHRASINGS`` (RULER's wording is the first)
+  for its needles, question and answer prefix; the answers (the values) are scored as RULER does.
 
 Length convention (RULER's ``max_seq_length``): tokens(input + answer_prefix) + tokens_to_generate
 + model_template_tokens <= length, as close to it as the haystack granularity allows.
@@ -65,6 +70,33 @@ TOKENS_TO_GENERATE = {"niah": 128, "variable_tracking": 30, "common_words_extrac
 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 NEEDLE = "One of the special magic {type_needle_v} for {key} is: {value}."
+# Other wordings of the same task (vary_needles): needle, then the template's intro and question and
+# the answer prefix, each as (several answers, one answer). {v}: "numbers"/"words"/"uuids", {v1}: singular.
+NEEDLE_PHRASINGS = [
+    None,  # RULER's own: TEMPLATES["niah"] and NEEDLE
+    {"needle": "The secret {v1} assigned to {key} is {value}.",
+     "template": ("Secret {v} assigned to certain names are hidden in the text below. Read it carefully; "
+                  "you will be asked for them afterwards.\n{context}\nList every secret {v1} assigned to "
+                  "{query} in the text above.",
+                  "A secret {v1} assigned to a name is hidden in the text below. Read it carefully; you "
+                  "will be asked for it afterwards.\n{context}\nWhich secret {v1} is assigned to {query} "
+                  "in the text above?"),
+     "prefix": (" The secret {v} assigned to {query} are", " The secret {v1} assigned to {query} is")},
+    {"needle": "Remember this: the access {v1} of {key} is {value}.",
+     "template": ("The following document contains access {v} for several names. Keep them in mind.\n"
+                  "{context}\nQuestion: what are the access {v} of {query}?",
+                  "The following document contains an access {v1} for a name. Keep it in mind.\n"
+                  "{context}\nQuestion: what is the access {v1} of {query}?"),
+     "prefix": (" Answer: the access {v} of {query} are", " Answer: the access {v1} of {query} is")},
+    {"needle": "Note for later: {key} goes with the {v1} {value}.",
+     "template": ("Read the notes below. Some of them pair a name with a {v1}.\n{context}\n"
+                  "Which {v} go with {query} according to the notes?",
+                  "Read the notes below. One of them pairs a name with a {v1}.\n{context}\n"
+                  "Which {v1} goes with {query} according to the notes?"),
+     "prefix": (" According to the notes, the {v} that go with {query} are",
+                " According to the notes, the {v1} that goes with {query} is")},
+]
+CORPORA = ("essay", "code", "mixed")
 DEPTHS = [int(round(100 * i / 39)) for i in range(40)]  # np.round(np.linspace(0, 100, 40))
 
 
@@ -155,21 +187,35 @@ class RulerGenerator:
 
     ``haystack_path``: where the Paul Graham essays are (see ``haystack.find_essays``); needed for the
     essay-haystack tasks and for cwe's word pool. ``model_template_tokens``: tokens the chat template
-    will add, subtracted from the length budget.
+    will add, subtracted from the length budget. ``corpus`` (``CORPORA``) and ``vary_needles``: see
+    the module docstring; the defaults reproduce RULER's text (and the sample ids of earlier runs).
     """
 
     def __init__(self, tokenizer: Any, haystack_path: str | None = None, seed: int = 42,
-                 model_template_tokens: int = 0):
+                 model_template_tokens: int = 0, corpus: str = "essay", vary_needles: bool = False):
+        if corpus not in CORPORA:
+            raise ValueError(f"corpus must be one of {CORPORA}, got {corpus!r}")
         self.tok: TokenizerLike = as_tokenizer(tokenizer)
         self.haystack_path = haystack_path
         self.seed = seed
         self.model_template_tokens = model_template_tokens
+        self.corpus = corpus
+        self.vary_needles = vary_needles
         self._essay_words: list[str] | None = None
         self._vocab: list[str] | None = None
+        self._code_lines: list[str] | None = None
+        self._ntok_cache: dict[str, int] = {}
 
     # ----------------------------------------------------------------- helpers
     def ntok(self, text: str) -> int:
-        return len(self.tok.encode(text))
+        """Token count, remembered for the last few texts (a fit's best text is counted again)."""
+        n = self._ntok_cache.get(text)
+        if n is None:
+            n = len(self.tok.encode(text))
+            if len(self._ntok_cache) >= 8:
+                self._ntok_cache.pop(next(iter(self._ntok_cache)))
+            self._ntok_cache[text] = n
+        return n
 
     @property
     def essay_words(self) -> list[str]:
@@ -178,27 +224,62 @@ class RulerGenerator:
         return self._essay_words
 
     @property
+    def code_lines(self) -> list[str]:
+        """Non-blank lines of the standard library's sources (the code haystack)."""
+        if self._code_lines is None:
+            self._code_lines = [ln for ln in hs.code_corpus().split("\n") if ln.strip()]
+        return self._code_lines
+
+    @property
     def vocab(self) -> list[str]:
         if self._vocab is None:
             self._vocab = sorted(hs.vocabulary(self.haystack_path, min_len=3))
         return self._vocab
 
     def _fit(self, build: Callable[[int], tuple[str, Any]], budget: int, lo: int, probe: int) -> int:
-        """Largest n >= lo with ntok(build(n)[0]) <= budget (binary search; build is deterministic)."""
-        t = self.ntok(build(probe)[0])
-        hi = max(int(budget / max(t / probe, 1e-6) * 2) + 1, lo + 1)
-        while self.ntok(build(hi)[0]) <= budget:  # make sure hi overshoots
-            lo, hi = hi, hi * 2
-        best = None
-        while lo <= hi:
-            mid = (lo + hi) // 2
-            if self.ntok(build(mid)[0]) <= budget:
-                best, lo = mid, mid + 1
-            else:
-                hi = mid - 1
-        if best is None:
+        """Largest n >= lo with ntok(build(n)[0]) <= budget (build is deterministic, ntok grows with n).
+
+        A bracketing secant search: tokens are close to linear in n, so the interpolated guess is
+        usually within a unit or two and a fit takes ~5 tokenizations instead of a bisection's ~15
+        (what makes 32K-token suites cheap to generate). The bracket shrinks every step, and a step
+        that shrinks it by less than half is followed by a bisection, so it always ends."""
+        def t(n: int) -> int:
+            return self.ntok(build(n)[0])
+
+        t_lo = t(lo)
+        if t_lo > budget:
             raise ValueError(f"length budget {budget} tokens is too small for this task")
-        return best
+        probe = max(probe, 2 * lo)
+        t_p = t(probe)
+        # tokens per unit; at least a quarter of the probe's average, so a flat start (the ICL
+        # example's fixed text) cannot send the first guess to an enormous n
+        slope = max((t_p - t_lo) / (probe - lo), 0.25 * t_p / probe)
+        ok, t_ok = lo, t_lo  # largest n known to fit
+        if t_p <= budget:
+            ok, t_ok = probe, t_p
+        bad, t_bad = (probe, t_p) if t_p > budget else (None, None)  # smallest n known not to fit
+        while bad is None:  # extrapolate (with a margin) until an n that does not fit is found
+            n = ok + max(1, int((budget - t_ok) / slope * 1.02) + 1)
+            tn = t(n)
+            if tn <= budget:
+                slope = max((tn - t_ok) / (n - ok), 1e-3)
+                ok, t_ok = n, tn
+            else:
+                bad, t_bad = n, tn
+        bisect = False
+        while bad - ok > 1:
+            if bisect:
+                n = (ok + bad) // 2
+            else:
+                n = ok + int((budget - t_ok) * (bad - ok) / max(t_bad - t_ok, 1))
+                n = min(max(n, ok + 1), bad - 1)
+            width = bad - ok
+            if t(n) <= budget:
+                ok, t_ok = n, t(n)
+            else:
+                bad, t_bad = n, t(n)
+            bisect = (bad - ok) > width // 2 and not bisect
+        return ok
 
     def _random_value(self, rng: random.Random, kind: str) -> str:
         if kind == "numbers":
@@ -236,7 +317,8 @@ class RulerGenerator:
             fn = {"niah": self._niah, "variable_tracking": self._vt,
                   "common_words_extraction": self._cwe, "freq_words_extraction": self._fwe}[kind]
             s = fn(task, cfg, sseed, budget, length, depth)
-            s.id = f"{task}-{length}-{i}" + ("" if depth is None else f"-d{depth:g}") + f"-s{self.seed}"
+            s.id = (f"{task}-{length}-{i}" + ("" if depth is None else f"-d{depth:g}") + f"-s{self.seed}"
+                    + ("" if self.corpus == "essay" else f"-c{self.corpus}") + ("-pv" if self.vary_needles else ""))
             s.max_tokens = gen
             s.target_length = length
             out.append(s)
@@ -248,6 +330,11 @@ class RulerGenerator:
         nv, nq = cfg["num_needle_v"], cfg["num_needle_q"]
         hay, tk, tv = cfg["type_haystack"], cfg["type_needle_k"], cfg["type_needle_v"]
         rng0 = random.Random(sseed)
+        # drawn from their own stream so that the default options keep RULER's samples unchanged
+        rng_opt = random.Random(sseed ^ 0x5EED)
+        phrasing = NEEDLE_PHRASINGS[rng_opt.randrange(len(NEEDLE_PHRASINGS))] if self.vary_needles else None
+        corpus = self.corpus if self.corpus != "mixed" else rng_opt.choice(("essay", "code"))
+        needle_t = NEEDLE if phrasing is None else phrasing["needle"].replace("{v1}", tv[:-1])
         keys, values, needles = [], [], []
         while len(keys) < nk:
             k = self._random_value(rng0, tk)
@@ -256,7 +343,7 @@ class RulerGenerator:
         for k in keys:
             vals = [self._random_value(rng0, tv) for _ in range(nv)]
             values.append(vals)
-            needles += [NEEDLE.format(type_needle_v=tv, key=k, value=v) for v in vals]
+            needles += [needle_t.format(type_needle_v=tv, key=k, value=v) for v in vals]
         rng0.shuffle(needles)
         qidx = rng0.sample(range(nk), nq)
         queries = [keys[i] for i in qidx]
@@ -266,21 +353,34 @@ class RulerGenerator:
             depths = [float(depth)] * len(needles)
         else:
             depths = sorted(float(d) for d in rng0.sample(DEPTHS, len(needles)))
-        offset = rng0.randrange(len(self.essay_words)) if hay == "essay" else 0
+        units = self.code_lines if (hay == "essay" and corpus == "code") else self.essay_words
+        offset = rng0.randrange(len(units)) if hay == "essay" else 0
         hay_seed = rng0.getrandbits(32)
 
-        template, prefix = TEMPLATES["niah"]
-        tvs = tv
-        if nq * nv == 1:  # RULER's singular wording, applied to template + answer prefix
-            def sing(t):
-                return t.replace("Some", "A").replace("are all", "is").replace("are", "is").replace(
-                    "answers", "answer")
-            template, prefix, tvs = sing(template), sing(prefix), tv[:-1]
-        answer_prefix = prefix.format(type_needle_v=tvs, query=query)
+        single = nq * nv == 1
+        if phrasing is None:
+            template, prefix = TEMPLATES["niah"]
+            tvs = tv
+            if single:  # RULER's singular wording, applied to template + answer prefix
+                def sing(t):
+                    return t.replace("Some", "A").replace("are all", "is").replace("are", "is").replace(
+                        "answers", "answer")
+                template, prefix, tvs = sing(template), sing(prefix), tv[:-1]
+            answer_prefix = prefix.format(type_needle_v=tvs, query=query)
+        else:
+            template = phrasing["template"][single].replace("{v1}", tv[:-1]).replace("{v}", tv)
+            answer_prefix = phrasing["prefix"][single].format(v=tv, v1=tv[:-1], query=query)
+            tvs = tv
+
+        def segments(n: int) -> tuple[list[str], str]:
+            if corpus == "code":
+                lines = self.code_lines
+                return [lines[(offset + j) % len(lines)] for j in range(n)], "\n"
+            return hs.split_sentences(self._essay_slice(offset, n)), " "
 
         def context_for(n: int) -> str:
             if hay == "essay":
-                sents = hs.split_sentences(self._essay_slice(offset, n))
+                sents, sep = segments(n)
                 cum, tot = [0], 0
                 for s_ in sents:
                     tot += len(s_) + 1
@@ -289,11 +389,11 @@ class RulerGenerator:
                        for d in depths]
                 parts, last = [], 0
                 for p, nd in zip(pos, needles):
-                    parts.append(" ".join(sents[last:p]))
+                    parts.append(sep.join(sents[last:p]))
                     parts.append(nd)
                     last = p
-                parts.append(" ".join(sents[last:]))
-                return " ".join(x for x in parts if x)
+                parts.append(sep.join(sents[last:]))
+                return sep.join(x for x in parts if x)
             r = random.Random(hay_seed)
             if hay == "noise":
                 sents = [NOISE] * n
@@ -302,8 +402,7 @@ class RulerGenerator:
                 while len(sents) < n:
                     k = self._random_value(r, tk)
                     if k not in keys:
-                        sents.append(NEEDLE.format(type_needle_v=tv, key=k,
-                                                   value=self._random_value(r, tv)))
+                        sents.append(needle_t.format(type_needle_v=tv, key=k, value=self._random_value(r, tv)))
             # insert from the deepest position down so earlier indexes stay valid
             idx = [min(n, int(round(n * d / 100))) for d in depths]
             for p, nd in sorted(zip(idx, needles), key=lambda x: -x[0]):
@@ -311,16 +410,14 @@ class RulerGenerator:
             return "\n".join(sents)
 
         def build(n: int):
-            inp = template.format(type_needle_v=tvs, context=context_for(n), query=query)
-            return inp + answer_prefix, inp
+            ctx = context_for(n)
+            inp = template.format(type_needle_v=tvs, context=ctx, query=query)
+            return inp + answer_prefix, (inp, ctx)
 
-        probe = 500 if hay == "essay" else 25
+        probe = (25 if corpus == "code" else 500) if hay == "essay" else 25
         n = self._fit(build, budget, 1, probe)
-        prompt, inp = build(n)
+        prompt, (inp, ctx) = build(n)
         # measured token depth of each needle within the context
-        ctx_start = inp.index("\n") + 1
-        ctx_end = inp.rindex("\nWhat ")
-        ctx = inp[ctx_start:ctx_end]
         ctx_tokens = self.ntok(ctx)
         measured = []
         for nd in needles:
@@ -329,7 +426,9 @@ class RulerGenerator:
         return Sample(id="", task=task, input=inp, answer_prefix=answer_prefix, outputs=answers,
                       length=self.ntok(prompt), max_tokens=0, target_length=length,
                       meta={"depths": depths, "token_depths": measured, "haystack_units": n,
-                            "context_tokens": ctx_tokens, "keys": queries})
+                            "context_tokens": ctx_tokens, "keys": queries,
+                            "corpus": corpus if hay == "essay" else hay,
+                            "phrasing": 0 if phrasing is None else NEEDLE_PHRASINGS.index(phrasing)})
 
     # ----------------------------------------------------------------- variable tracking
     def _vt_text(self, rng: random.Random, n: int, num_chains: int, num_hops: int, icl: bool):
