@@ -366,14 +366,14 @@ def _method_label(r):
 def markdown(rows, irows, meta, partial, block_size):
     name = rows[0]["model"] if rows else "?"
     st = meta.get("settings", {})
-    lines = [f"# Quality report: {name} (RULER-style suite, offline sweep)", ""]
+    lines = [f"# Quality report: {name} (RULER-style suite, {meta.get('driver_title', 'offline sweep')})", ""]
     if partial:
         lines += ["**PARTIAL**: the run was cut short; groups marked `*` have fewer samples than planned.", ""]
     lines += [f"- command: `{meta.get('command', '')}`", f"- commit: `{meta.get('commit', '')}`",
               f"- device: {meta.get('device', 'CPU')}",
               f"- page (block) size {block_size} tokens; sink {st.get('sink_tokens')} + recent "
               f"{st.get('recent_tokens')} tokens always attended; dense layers {st.get('dense_layers')}; "
-              "greedy decoding, chat template; one dense prefill per prompt shared by all runs; "
+              f"greedy decoding, chat template; {meta.get('driver_note', 'one dense prefill per prompt shared by all runs')}; "
               "scores: RULER string_match_all x 100; ci95 = normal-approx half-width (Wilson for all-0/1).",
               ""]
     ctxs = sorted({r["context"] for r in rows})
