@@ -99,3 +99,38 @@ def test_pyramidkv_is_snapkv_with_pyramid_budgets():
     assert SparseKVConfig(method="pyramidkv", budget_allocation="uniform").budget_allocation == "uniform"
     assert SparseKVConfig(method="snapkv").budget_allocation == "uniform"
     assert issubclass(get_method("pyramidkv"), get_method("snapkv"))
+
+
+def _h2o_selection(ratio, budget_tokens=None, fraction=None, L=400, bs=16):
+    """Pages H2O attends for one request whose prefill attention favours early pages (a token at
+    position i is summed over the L - i queries after it), through the shared top-k."""
+    from vllm_sparsekv import kernels
+    from vllm_sparsekv.budgets import request_budget_pages
+
+    kw = {"token_budget": budget_tokens} if budget_tokens else {"budget_fraction": fraction}
+    cfg = SparseKVConfig(method="h2o", sink_tokens=16, recent_tokens=16, h2o={"recent_ratio": ratio}, **kw)
+    geo = LayerGeometry(num_heads=2, num_kv_heads=1, head_size=8, block_size=bs, layer=3)
+    sel = get_method("h2o")(cfg, geo)
+    P = -(-L // bs)
+    sel.allocate(P + 1, torch.float32, torch.device("cpu"))
+    sel.page_scores[:P] = torch.linspace(100.0, 1.0, P)[:, None]  # early pages heaviest
+    seq = torch.tensor([L])
+    scores = sel.score_pages(None, None, torch.arange(P)[None], seq, P)
+    budget = request_budget_pages(cfg, seq, bs)
+    idx, num = kernels.select_pages_ref(scores, seq, bs, budget[:, None], cfg.sink_pages(bs), cfg.recent_pages(bs), P)
+    return sorted(idx[0, 0, : num[0, 0]].tolist()), int(budget[0]), P
+
+
+@pytest.mark.parametrize("kw", [{"budget_tokens": 128}, {"fraction": 0.125}, {"budget_tokens": 256}])
+def test_h2o_keeps_half_its_budget_for_the_most_recent_pages(kw):
+    pages, B, P = _h2o_selection(0.5, **kw)
+    window = -(-B // 2)
+    assert len(pages) == B
+    assert set(range(P - window, P)) <= set(pages), (pages, B)  # the recent half
+    heavy = [p for p in pages if p < P - window]
+    assert heavy == list(range(B - window)), pages  # the rest: the heaviest (earliest) pages, sink included
+
+
+def test_h2o_recent_ratio_zero_is_heavy_hitters_plus_recent_tokens_only():
+    pages, B, P = _h2o_selection(0.0, budget_tokens=128)
+    assert pages == list(range(B - 1)) + [P - 1], pages  # one recent page (16 tokens); the question is lost
