@@ -236,9 +236,12 @@ def engine_kwargs(spec: dict) -> dict:
     if cuda:
         sizes = sorted({s for s in (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256) if s < spec["max_num_seqs"]}
                        | {spec["max_num_seqs"]})
-        kw.update(dtype=spec["dtype"], gpu_memory_utilization=spec["gpu_memory_utilization"],
-                  compilation_config={"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY",
-                                      "cudagraph_capture_sizes": sizes})
+        kw.update(dtype=spec["dtype"], gpu_memory_utilization=spec["gpu_memory_utilization"])
+        if spec.get("eager"):  # the fallback where graphs fail (gpu/README: 8B shape, 32K, sparsekv)
+            kw["enforce_eager"] = True
+        else:
+            kw["compilation_config"] = {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY",
+                                        "cudagraph_capture_sizes": sizes}
     else:
         kw.update(dtype="float32", enforce_eager=True, gpu_memory_utilization=0.5)
     if spec.get("max_num_batched_tokens"):
@@ -292,13 +295,16 @@ def cmd_engine(spec_path: str) -> int:
     import vllm
 
     done = {"run": spec["label"], "done": True, "startup_s": round(t_start, 1), "generate_s": round(gen_s, 1),
-            "prompts": len(rows), "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens,
-            "backends": sorted(set(llm.collective_rpc(_backend_names)[0])),
-            "block_sizes": sorted(set(llm.collective_rpc(_block_sizes)[0])),
+            "prompts": len(rows), "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "eager": bool(spec.get("eager")),
             "vllm": vllm.__version__, "torch": torch.__version__,
             "device_name": torch.cuda.get_device_name() if spec["cuda"] else "cpu"}
-    if spec["sparsekv"] is not None:
-        done["stats"] = stats.collect(llm)[0]
+    try:  # what the worker really ran (logs do not say on CPU); the predictions are already written
+        done["backends"] = sorted(set(llm.collective_rpc(_backend_names)[0]))
+        done["block_sizes"] = sorted(set(llm.collective_rpc(_block_sizes)[0]))
+        if spec["sparsekv"] is not None:
+            done["stats"] = stats.collect(llm)[0]
+    except Exception as e:  # noqa: BLE001
+        done["rpc_error"] = f"{type(e).__name__}: {e}"[:300]
     with open(spec["configs"], "a") as fh:
         fh.write(json.dumps(done) + "\n")
     return 0
@@ -359,7 +365,9 @@ def cmd_run(a) -> int:
                 "block_size": a.block_size or (16 if cuda else 32), "dtype": a.dtype,
                 "gpu_memory_utilization": a.gpu_memory_utilization,
                 "max_num_batched_tokens": a.max_num_batched_tokens,
-                "env": ({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if cuda else CPU_ENV)}
+                "eager": a.eager,
+                "env": ({"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
+                        if cuda else CPU_ENV)}
         if a.max_tokens:
             for r in rows:
                 r["max_tokens"] = min(r["max_tokens"], a.max_tokens)
@@ -419,7 +427,7 @@ def build_report(preds: list[dict], configs: list[dict], name: str) -> dict:
         r["budget"] = Q._label_value(r)
         r.update(command=" ; ".join(cmds), device=", ".join(devices), commit=", ".join(commits))
     done = [c for c in conf.values() if c.get("done")]
-    bs = sorted({b for c in done for b in c.get("block_sizes", [])})
+    bs = sorted({b for c in done for b in c.get("block_sizes") or []})
     sparse = next((c["sparsekv"] for c in conf.values() if c.get("sparsekv")), {})
     return {"model": name, "suite": "ruler", "driver": "vllm", "partial": any(r.get("partial") for r in rows),
             "missing_runs": sorted(set(conf) - {c["run"] for c in done}),
@@ -469,7 +477,8 @@ def runs_md(doc: dict) -> str:
             continue
         af = (c.get("stats") or {}).get("attended_fraction")
         tps = (c["prompt_tokens"] + c["gen_tokens"]) / max(c["generate_s"], 1e-9)
-        lines.append(f"| {lab} | {', '.join(c['backends'])} | {c['block_sizes']} | "
+        lines.append(f"| {lab} | {', '.join(c.get('backends', ['?']))}{' (eager)' if c.get('eager') else ''} | "
+                     f"{c.get('block_sizes', '?')} | "
                      f"{'' if af is None else f'{100 * af:.1f}%'} | {c['prompts']} | {c['prompt_tokens']} | "
                      f"{c['gen_tokens']} | {c['startup_s']} | {c['generate_s']} | {tps:.0f} |")
     return "\n".join(lines) + "\n"
@@ -593,6 +602,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bfloat16", help="CUDA dtype (CPU runs float32)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--cpu", action="store_true", help="run on CPU even where CUDA is there")
+    p.add_argument("--eager", action="store_true", help="CUDA: no CUDA graphs (a fallback; the Engines table says which ran)")
     p.add_argument("--deadline-s", type=float, default=None,
                    help="start no configuration when this many seconds minus the last run's time have passed")
     p.add_argument("--device-tag", default=None, help="file-name tag (default: the CUDA device name, or cpu)")
