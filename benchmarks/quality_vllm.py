@@ -217,7 +217,7 @@ def prepare_prompts(a, model: Path, tasks: list[str], contexts: list[int]) -> tu
                     chunks.append(flat[off[i]:off[i + 1]])
                     offs.append(offs[-1] + len(chunks[-1]))
                     samples.append({**metas[i], "row": len(samples)})
-    path = Path(str(stem(a)) + ".prompts.npz")
+    path = cache / f"{stem(a).name}.prompts.npz"  # beside the cache: the out dir is what comes back
     np.savez(path, ids=np.concatenate(chunks) if chunks else np.zeros(0, np.int32),
              offsets=np.asarray(offs, dtype=np.int64))
     return samples, path
@@ -271,7 +271,7 @@ def cmd_engine(spec_path: str) -> int:
     by_ctx: dict[int, list[dict]] = {}
     for r in rows:
         by_ctx.setdefault(r["target_length"], []).append(r)
-    gen_s, prompt_tokens, gen_tokens = 0.0, 0, 0
+    gen_s, prompt_tokens, gen_tokens, per_ctx = 0.0, 0, 0, {}
     with open(spec["preds"], "a") as fh:
         for L, rs in sorted(by_ctx.items()):
             prompts = [{"prompt_token_ids": ids[off[r["row"]]:off[r["row"] + 1]].tolist()} for r in rs]
@@ -283,6 +283,7 @@ def cmd_engine(spec_path: str) -> int:
             pt = sum(len(p["prompt_token_ids"]) for p in prompts)
             gt = sum(len(o.outputs[0].token_ids) for o in outs)
             prompt_tokens, gen_tokens = prompt_tokens + pt, gen_tokens + gt
+            per_ctx[str(L)] = {"prompts": len(rs), "prompt_tokens": pt, "gen_tokens": gt, "generate_s": round(dt, 2)}
             for r, o in zip(rs, outs):
                 fh.write(json.dumps({"run": spec["label"], "id": r["id"], "task": r["task"], "target_length": L,
                                      "outputs": r["outputs"], "pred": o.outputs[0].text,
@@ -295,7 +296,8 @@ def cmd_engine(spec_path: str) -> int:
     import vllm
 
     done = {"run": spec["label"], "done": True, "startup_s": round(t_start, 1), "generate_s": round(gen_s, 1),
-            "prompts": len(rows), "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "eager": bool(spec.get("eager")),
+            "prompts": len(rows), "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "contexts": per_ctx,
+            "eager": bool(spec.get("eager")),
             "vllm": vllm.__version__, "torch": torch.__version__,
             "device_name": torch.cuda.get_device_name() if spec["cuda"] else "cpu"}
     try:  # what the worker really ran (logs do not say on CPU); the predictions are already written
@@ -532,6 +534,25 @@ def prefill_flops(model: Path, L: int) -> float:
     return 2 * params * L + layers * heads * hd * 2 * L * L
 
 
+def calibrate(model: Path, configs: list[dict], default: float) -> tuple[float, float]:
+    """(effective TFLOP/s, startup s) measured by earlier runs of the same model (their
+    .configs.jsonl): FLOPs of every context's prompts over its generate time (decode included, so
+    a low estimate of prefill speed), and the mean engine startup. H2O runs are left out (their
+    side pass is not the engine's prefill)."""
+    flops, secs, starts = 0.0, 0.0, []
+    for c in configs:
+        if not c.get("done") or c["run"].startswith("h2o"):
+            continue
+        starts.append(c["startup_s"] + 10.0)  # + process start and imports, not in startup_s
+        for L, d in (c.get("contexts") or {}).items():
+            if d["prompts"]:
+                flops += d["prompts"] * prefill_flops(model, d["prompt_tokens"] / d["prompts"])
+                secs += d["generate_s"]
+    if not secs:
+        return default, PLAN_STARTUP_S
+    return flops / secs / 1e12, sum(starts) / len(starts)
+
+
 def cmd_plan(a) -> int:
     """Counts and a time estimate per configuration, from a FLOP model of prefill plus decode steps
     (guesses to replace by the measured numbers of the first call: the report's Engines table)."""
@@ -540,14 +561,17 @@ def cmd_plan(a) -> int:
     from sparsekv_eval.ruler import TASKS, TOKENS_TO_GENERATE
 
     runs = all_runs(a)
+    startup = PLAN_STARTUP_S
+    if a.calibrate:
+        a.tflops, startup = calibrate(model, _read_jsonl(a.calibrate), a.tflops)
     gen = [min(TOKENS_TO_GENERATE[TASKS[t]["kind"]], a.max_tokens or 10**9) for t in tasks]
     total = 0.0
     print(f"{model.name}: {len(tasks)} tasks x {contexts} x n={a.n}; {len(runs)} runs; assumed "
-          f"{a.tflops:g} TFLOP/s prefill, {PLAN_STARTUP_S:g} s startup, {1000 * PLAN_DECODE_STEP_S:g} ms/decode "
+          f"{a.tflops:.0f} TFLOP/s prefill, {startup:.0f} s startup, {1000 * PLAN_DECODE_STEP_S:g} ms/decode "
           f"step of {a.max_num_seqs}")
     pre = sum(a.n * len(tasks) * prefill_flops(model, L) for L in contexts) / (a.tflops * 1e12)
     steps = sum(a.n * len(contexts) * g * 0.5 for g in gen) / a.max_num_seqs  # half of max_tokens, on average
-    per = PLAN_STARTUP_S + pre + steps * PLAN_DECODE_STEP_S
+    per = startup + pre + steps * PLAN_DECODE_STEP_S
     for r in runs:
         extra = 0.0
         if not r.dense and r.config.method == "h2o":  # its side pass: every prompt query in float32 torch
@@ -608,6 +632,8 @@ def main(argv=None) -> int:
     p.add_argument("--device-tag", default=None, help="file-name tag (default: the CUDA device name, or cpu)")
     p.add_argument("--merge", nargs="+", default=None, help="report: .preds.jsonl files of several calls")
     p.add_argument("--tflops", type=float, default=PLAN_TFLOPS, help="plan: effective prefill TFLOP/s")
+    p.add_argument("--calibrate", nargs="+", default=None,
+                   help="plan: .configs.jsonl files of earlier runs of this model (measured speed and startup)")
     p.add_argument("--out-dir", default=str(ROOT / "benchmarks/results"))
     a = p.parse_args(argv)
     if a.device_tag is None:

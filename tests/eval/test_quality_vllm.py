@@ -101,3 +101,18 @@ def test_end_to_end_on_cpu(smollm2_path, tmp_path):
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and again.stdout.count("already there") == 2
     assert (out / "quality_smol.vllm_cpu.preds.jsonl").read_text().splitlines() == preds
+
+
+def test_plan_calibrates_from_measured_runs(smollm2_path):
+    """The FLOP model's speed is replaced by what a finished run measured; H2O's runs do not count."""
+    model = Path(smollm2_path)
+    f4k = QV.prefill_flops(model, 4000)
+    run = {"run": "dense", "done": True, "startup_s": 20.0,
+           "contexts": {"4096": {"prompts": 10, "prompt_tokens": 40000, "gen_tokens": 0, "generate_s": 2.0}}}
+    h2o = {**run, "run": "h2o-f0.125", "startup_s": 99.0,
+           "contexts": {"4096": {"prompts": 10, "prompt_tokens": 40000, "gen_tokens": 0, "generate_s": 50.0}}}
+    tflops, startup = QV.calibrate(model, [{"run": "dense"}, run, h2o], 150.0)
+    assert tflops == pytest.approx(10 * f4k / 2.0 / 1e12) and startup == 30.0
+    assert QV.calibrate(model, [{"run": "dense"}], 123.0) == (123.0, QV.PLAN_STARTUP_S)
+    # the attention term grows with the square of the context
+    assert QV.prefill_flops(model, 8000) - 2 * QV.prefill_flops(model, 4000) > 0
