@@ -415,12 +415,21 @@ def build_report(preds: list[dict], configs: list[dict], name: str) -> dict:
     recs = [r for r in per_id.values() if "dense" in r["runs"]]  # ratios need the dense answer
     labels = ["dense"] + sorted({lab for r in recs for lab in r["runs"]} - {"dense"})
     runs = [_Run(lab, conf.get(lab, {}).get("row_fields") or {"method": lab}) for lab in labels]
-    planned = {}
-    for c in conf.values():
-        for k, n in (c.get("planned") or {}).items():
-            t, L = k.rsplit("@", 1)
-            planned[(t, int(L))] = max(planned.get((t, int(L)), 0), n)
-    rows = Q.build_rows(recs, runs, name, planned)
+    # quality.build_rows drops a run missing on any sample of a group, and calls may run dense on
+    # more samples than a method: pair each run with dense on the samples that run has
+    rows = [r for r in Q.build_rows(recs, runs[:1], name, {})]
+    for run in runs[1:]:
+        sub = [r for r in recs if run.label in r["runs"]]
+        rows += [r for r in Q.build_rows(sub, [runs[0], run], name, {}) if r["method"] != "dense"]
+    # cut short = fewer samples than that run's own call planned (calls may plan different n)
+    planned = {Q._key(r.row_fields()): (conf.get(r.label) or {}).get("planned") or {} for r in runs}
+    for r in rows:
+        if r["task"] != "average":
+            r["partial"] = r["n"] < planned.get(Q._key(r), {}).get(f"{r['task']}@{r['context']}", 0)
+    for r in rows:
+        if r["task"] == "average":
+            r["partial"] = any(x["partial"] for x in rows if x["task"] in r["tasks"] and x["context"] == r["context"]
+                               and Q._key(x) == Q._key(r))
     cmds = sorted({c.get("command", "") for c in conf.values()} - {""})
     commits = sorted({c.get("commit", "") for c in conf.values()} - {""})
     devices = sorted({c.get("device_name", "") for c in conf.values()} - {""}) or \
@@ -498,6 +507,8 @@ def report(a, pred_files, config_files) -> int:
         return 1
     name = a.name or next((c["model"] for c in configs if c.get("model")), "model")
     doc = build_report(uniq, configs, name)
+    if not doc["samples"]:
+        print("[quality_vllm] no sample has a dense answer yet: merge with the files of the call that ran dense")
     base = stem(a)
     base.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{base}.json").write_text(json.dumps(doc, indent=1) + "\n")

@@ -116,3 +116,17 @@ def test_plan_calibrates_from_measured_runs(smollm2_path):
     assert QV.calibrate(model, [{"run": "dense"}], 123.0) == (123.0, QV.PLAN_STARTUP_S)
     # the attention term grows with the square of the context
     assert QV.prefill_flops(model, 8000) - 2 * QV.prefill_flops(model, 4000) > 0
+
+
+def test_partial_is_per_run(tmp_path):
+    """A run planned with n=2 beside a dense run planned with n=4 is complete; one cut at 1 of 2 is not."""
+    preds = [_pred("dense", i, "vt", 1024, ok=True) for i in range(4)]
+    preds += [_pred("quest-f0.125", i, "vt", 1024, ok=True) for i in range(2)]
+    preds += [_pred("hash-f0.125", 0, "vt", 1024, ok=True)]
+    conf = [{"run": "dense", "row_fields": {"method": "dense"}, "planned": {"vt@1024": 4}},
+            {"run": "quest-f0.125", "row_fields": {"method": "quest", "budget_fraction": 0.125}, "planned": {"vt@1024": 2}},
+            {"run": "hash-f0.125", "row_fields": {"method": "hash", "budget_fraction": 0.125}, "planned": {"vt@1024": 2}}]
+    rows = {(r["task"], r["method"]): r for r in QV.build_report(preds, conf, "m")["rows"]}
+    assert not rows[("vt", "dense")]["partial"] and not rows[("vt", "quest")]["partial"]
+    assert rows[("vt", "hash")]["partial"] and rows[("average", "hash")]["partial"]
+    assert not rows[("average", "quest")]["partial"]
