@@ -13,13 +13,26 @@ from ._common import HAS_TRITON, cdiv, next_pow2
 _REF_CHUNK_TOKENS = 1 << 15  # reference: online softmax over page chunks of about this many tokens
 
 
+def _gather_pages(cache, host, b, hidx):
+    """cache[b, :, hidx, :], where ids b >= B (the cache's blocks) index `host` at b - B."""
+    if host is None:
+        return cache[b, :, hidx, :]
+    num_blocks = cache.shape[0]
+    on_host = (b >= num_blocks)[..., None, None]
+    dev = cache[b.clamp(max=num_blocks - 1), :, hidx, :]
+    return torch.where(on_host, host[(b - num_blocks).clamp(min=0), :, hidx, :], dev)
+
+
 def sparse_paged_decode_ref(q, key_cache, value_cache, block_table, seq_lens, page_idx, scale, out=None,
-                            num_selected=None):
+                            num_selected=None, host_pages=None):
     """q [N, Hq, D]; key/value_cache [B, bs, Hkv, D] (any strides); block_table [N, max_blocks];
     seq_lens [N]; page_idx [N, Hkv, K] logical pages (< 0 ignored; entries must be distinct);
     num_selected [N, Hkv] (optional): only page_idx[n, h, :num_selected[n, h]] is read, so the
     kernels' work follows the pages really selected, not the static K.
+    host_pages: optional (key, value) [S, bs, Hkv, D] of the passive store; block ids B + s in the
+    block table read slot s there.
     Returns out [N, Hq, D] in q's dtype (a request/head with no valid token gets zeros)."""
+    host_k, host_v = host_pages if host_pages is not None else (None, None)
     N, Hq, D = q.shape
     _, bs, Hkv, _ = key_cache.shape
     G = Hq // Hkv
@@ -41,8 +54,8 @@ def sparse_paged_decode_ref(q, key_cache, value_cache, block_table, seq_lens, pa
     for k0 in range(0, K, chunk):
         k1 = min(K, k0 + chunk)
         b = blk[:, :, k0:k1]
-        kk = key_cache[b, :, hidx, :].float().reshape(N, Hkv, (k1 - k0) * bs, D)  # [N, Hkv, c*bs, D]
-        vv = value_cache[b, :, hidx, :].float().reshape(N, Hkv, (k1 - k0) * bs, D)
+        kk = _gather_pages(key_cache, host_k, b, hidx).float().reshape(N, Hkv, (k1 - k0) * bs, D)  # [N, Hkv, c*bs, D]
+        vv = _gather_pages(value_cache, host_v, b, hidx).float().reshape(N, Hkv, (k1 - k0) * bs, D)
         pos = pid[:, :, k0:k1, None] * bs + off
         valid = (pvalid[:, :, k0:k1, None] & (pos < seq_lens.long()[:, None, None, None])).reshape(N, Hkv, 1, -1)
         s = torch.einsum("nhgd,nhtd->nhgt", qf, kk) * scale
