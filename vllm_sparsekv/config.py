@@ -32,6 +32,41 @@ class SparseKVConfigError(ValueError):
     """A bad sparsekv setting; the message names the field and what is allowed."""
 
 
+class OffloadConfig(BaseModel):
+    """The passive store (README, "Passive store"): low-relevance KV pages of decoding requests move
+    to a host pool and their KV blocks go back to vLLM, so more requests fit."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    enabled: bool = False
+    """Move low-relevance pages of decoding requests to the host pool (CPU platform only for now;
+    needs `dense_layers: []`)."""
+    cpu_bytes: int = 1 << 30
+    """Size of the host pool in bytes (per worker): K/V pages of every layer. When it is full, pages
+    stay in the KV cache (logged once)."""
+    resident_fraction: float = 0.5
+    """Share of a decoding request's pages kept in the KV cache, in (0, 1]; sink, recent and
+    just-written pages always stay."""
+    policy: Literal["lru"] = "lru"
+    """Which pages go passive first: `lru` (least recently selected by any layer's decode)."""
+    read_back: Literal["host"] = "host"
+    """How the decode reads a passive page: `host` (straight from the host pool, no recall)."""
+
+    @field_validator("cpu_bytes")
+    @classmethod
+    def _positive_bytes(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"must be a positive number of bytes, got {v}")
+        return v
+
+    @field_validator("resident_fraction")
+    @classmethod
+    def _share(cls, v: float) -> float:
+        if not (0.0 < v <= 1.0):
+            raise ValueError(f"must be in (0, 1], got {v}")
+        return v
+
+
 class SparseKVConfig(BaseModel):
     """Sparse decode attention settings (see README, "Configuration").
 
@@ -75,6 +110,8 @@ class SparseKVConfig(BaseModel):
     stats_file: str | None = None
     """The worker rewrites this JSON file with the sparsity counters (checked every second). Its
     directory must exist and be writable at startup."""
+    offload: OffloadConfig = OffloadConfig()
+    """The passive store (`offload.*` below)."""
 
     @field_validator("method")
     @classmethod
@@ -258,6 +295,10 @@ def markdown_table() -> str:
 
     rows = ["| field | default | meaning |", "| --- | --- | --- |"]
     for name, field in SparseKVConfig.model_fields.items():
+        if isinstance(field.default, BaseModel):  # a section: one row per field
+            for sub, subfield in type(field.default).model_fields.items():
+                rows.append(f"| `{name}.{sub}` | {_default_text(subfield)} | {_doc(subfield)} |")
+            continue
         rows.append(f"| `{name}` | {_default_text(field)} | {_doc(field)} |")
     for method in available():
         cls = get_method(method)
@@ -301,8 +342,11 @@ def _describe(e: dict) -> str:
     if e["type"] == "extra_forbidden":
         from vllm_sparsekv.methods import available, get_method
 
+        section = SparseKVConfig.model_fields.get(str(loc[0]))
         if len(loc) == 1:
             allowed = ", ".join(list(SparseKVConfig.model_fields) + available())
+        elif section is not None and isinstance(section.default, BaseModel):
+            allowed = ", ".join(type(section.default).model_fields)
         else:
             allowed = ", ".join(get_method(str(loc[0])).options_model.model_fields) or "none"
         return f"unknown field; allowed fields: {allowed}"

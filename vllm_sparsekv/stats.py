@@ -31,10 +31,26 @@ def add(attended: int, held: int, rows: int) -> None:
         _totals[2] += rows
 
 
+_extra: dict[str, int] = {}  # the passive store's counters (offloaded pages, ...) and peaks
+
+
+def bump(name: str, n: int = 1) -> None:
+    """Add `n` to the counter `name` (shown in `snapshot()` once it exists)."""
+    with _lock:
+        _extra[name] = _extra.get(name, 0) + n
+
+
+def peak(name: str, value: int) -> None:
+    """Keep the largest `value` seen under `name` (e.g. decode rows in one step)."""
+    with _lock:
+        _extra[name] = max(_extra.get(name, 0), value)
+
+
 def snapshot() -> dict:
     """Totals since the process started (or since `reset()`)."""
     with _lock:
         out = dict(zip(_FIELDS, _totals))
+        out.update(_extra)
     out["attended_fraction"] = out["attended_pages"] / out["held_pages"] if out["held_pages"] else None
     out["pid"] = os.getpid()
     return out
@@ -43,6 +59,7 @@ def snapshot() -> dict:
 def reset() -> None:
     with _lock:
         _totals[:] = [0] * len(_FIELDS)
+        _extra.clear()
 
 
 def _worker_snapshot(worker) -> dict:  # runs inside each worker via collective_rpc

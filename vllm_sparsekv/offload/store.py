@@ -1,0 +1,141 @@
+"""The worker side of the passive store: the host pool, the residency map and the step's plan.
+
+One per worker process (`current()`), created by our connector's worker side. The metadata
+builder asks it where each decode row's pages live (`plan_decode`), the impl reads passive pages
+through `host_views` and reports what it selected (`note_selected`) for the LRU policy.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from vllm_sparsekv import stats
+from vllm_sparsekv.backend import compat
+from vllm_sparsekv.offload.pool import HostPool, num_slots, store_side_state
+
+logger = logging.getLogger("vllm.sparsekv")
+
+_current: OffloadStore | None = None
+
+
+def current() -> OffloadStore | None:
+    """This worker's store once its KV cache is registered; None without offload."""
+    return _current if _current is not None and _current.pool is not None else None
+
+
+def host_rows() -> int:
+    """Extra rows the page-summary tensors need (one per host slot), 0 without offload."""
+    store = current()
+    return store.pool.slots if store is not None else 0
+
+
+class OffloadStore:
+    def __init__(self, cfg, vllm_config):
+        global _current
+        self.cfg = cfg
+        self.vllm_config = vllm_config
+        self.pool: HostPool | None = None
+        self.kv_caches: dict[str, torch.Tensor] = {}
+        self.num_blocks = 0
+        self.passive: dict[str, dict[int, int]] = {}  # residency: request -> logical page -> host slot
+        self.rows: dict[int, str] = {}  # this step: block being written -> request
+        self.step = 0
+        self.row_reqs: list[str | None] = []  # this step's decode rows, in batch order
+        self._selected: torch.Tensor | None = None  # [rows, max_pages + 1] bool
+        _current = self
+
+    def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self.kv_caches = {name: compat.kv_cache_tensor(kv) for name, kv in kv_caches.items()}
+        first = next(iter(self.kv_caches.values()))
+        self.num_blocks = first.shape[0]
+        page_bytes = first[0].numel() * first.element_size()
+        slots = num_slots(self.cfg.offload.cpu_bytes, page_bytes, len(self.kv_caches))
+        self.pool = HostPool(self.kv_caches, slots)
+        logger.info("sparsekv: offload host pool of %d pages (%.1f MiB) beside a KV cache of %d blocks",
+                    slots, slots * page_bytes * len(self.kv_caches) / 2**20, self.num_blocks)
+
+    def apply(self, meta) -> None:
+        """The step's plan from the scheduler, before any KV write of the step: forget finished
+        requests, copy the pages it made passive (their blocks are free from now on)."""
+        if self.pool is None or meta.num_slots != self.pool.slots:
+            raise RuntimeError(f"sparsekv offload: scheduler and worker disagree on the host pool "
+                               f"({meta.num_slots} vs {None if self.pool is None else self.pool.slots} slots)")
+        for rid in meta.drop:
+            self.passive.pop(rid, None)
+        if meta.store:
+            rids, pages, blocks, slots = zip(*meta.store)
+            blocks_t = torch.tensor(blocks, dtype=torch.long)
+            slots_t = torch.tensor(slots, dtype=torch.long)
+            self.pool.store(self.kv_caches, blocks_t, slots_t)
+            for side in self._side_states():
+                store_side_state(side, blocks_t, slots_t + self.num_blocks)
+            for rid, page, slot in zip(rids, pages, slots):
+                self.passive.setdefault(rid, {})[page] = slot
+            stats.bump("offloaded_pages", len(meta.store))
+        if meta.kept_for_lack_of_slots:
+            stats.bump("offload_pool_full_pages", meta.kept_for_lack_of_slots)
+        stats.peak("passive_pages_max", sum(len(p) for p in self.passive.values()))
+        self.rows = meta.rows
+        self.step = meta.step
+
+    def _side_states(self):
+        """Each sparse layer's page summaries (side tensors with a row per block and host slot)."""
+        context = self.vllm_config.compilation_config.static_forward_context
+        for name in self.kv_caches:
+            selector = getattr(context[name].impl, "selector", None)
+            if selector is None:
+                continue
+            side = {n: getattr(selector, n) for n in selector.side_state(self.kv_caches[name].dtype)}
+            for t in side.values():
+                if t.shape[0] < self.num_blocks + self.pool.slots:
+                    raise RuntimeError("sparsekv offload: page summaries have no rows for the host pool")
+            yield side
+
+    def plan_decode(self, block_table: torch.Tensor, slot_mapping: torch.Tensor, block_size: int,
+                    max_pages: int) -> tuple[torch.Tensor, bool]:
+        """The decode rows' block table with each passive page's entry pointing at its host slot
+        (num_blocks + slot: ids past the KV cache index the host pool), and whether any does.
+        The worker's block table is append-only and still holds the freed ids, so every decode row
+        must be known: a row this step's plan does not name is an error, not a guess."""
+        nd = block_table.shape[0]
+        blocks = (slot_mapping[:nd] // block_size).tolist()
+        self.row_reqs = [self.rows.get(b) for b in blocks]
+        if self.passive and None in self.row_reqs:
+            missing = [b for b, r in zip(blocks, self.row_reqs) if r is None]
+            raise RuntimeError(f"sparsekv offload: decode rows writing blocks {missing} are not in the step's plan")
+        self._selected = torch.zeros(nd, max_pages + 1, dtype=torch.bool, device=block_table.device)
+        rows = [(i, self.passive[r]) for i, r in enumerate(self.row_reqs) if self.passive.get(r)]
+        if not rows:
+            return block_table, False
+        table = block_table.clone()
+        for i, passive in rows:
+            pages = torch.tensor(list(passive), dtype=torch.long)
+            table[i, pages] = torch.tensor(list(passive.values()), dtype=table.dtype) + self.num_blocks
+        return table, True
+
+    def host_views(self, layer_name: str, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's host pages as key/value views [slots, block_size, Hkv, D], like the KV cache's."""
+        return compat.split_kv_cache(self.pool.pages[layer_name], head_size)
+
+    def note_selected(self, page_idx: torch.Tensor, num_selected: torch.Tensor | None = None) -> None:
+        """A layer's selection [rows, Hkv, K] (-1 padded; only the first num_selected [rows, Hkv]
+        count): kept as the step's union per row."""
+        sel = self._selected
+        if sel is None or page_idx.shape[0] != sel.shape[0]:
+            return
+        idx = page_idx.long()
+        if num_selected is not None:
+            idx = idx.masked_fill(torch.arange(idx.shape[2], device=idx.device) >= num_selected[..., None], -1)
+        idx = idx.reshape(idx.shape[0], -1)
+        sel.scatter_(1, torch.where(idx >= 0, idx, sel.shape[1] - 1), True)
+
+    def take_selection(self) -> tuple[int, dict[str, list[int]]]:
+        """(step, request -> selected pages) of the step just run, then cleared."""
+        sel, self._selected = self._selected, None
+        if sel is None:
+            return self.step, {}
+        rows = sel[:, :-1].cpu()
+        return self.step, {r: rows[i].nonzero().flatten().tolist() for i, r in enumerate(self.row_reqs)
+                           if r is not None}
