@@ -1,0 +1,202 @@
+"""The passive store without an engine: the host pool's copies are byte-exact, the decode reads a
+passive page from the pool exactly as from the KV cache, and the scheduler side frees the right
+pages (never sink/recent ones), keeps them when the pool is full and gives slots back on finish
+and preemption. The engine tests (tests/engine/test_offload_engine.py) run it inside vLLM."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from vllm_sparsekv import kernels
+from vllm_sparsekv.config import SparseKVConfig, SparseKVConfigError
+from vllm_sparsekv.offload.policy import LRUPolicy
+from vllm_sparsekv.offload.pool import HostPool, SlotAllocator, num_slots, store_side_state
+
+
+def test_recalled_pages_are_byte_equal_to_what_was_offloaded(seed_gen):
+    """>= 10^4 pages through store -> overwrite the blocks -> load, in random rounds; every page
+    comes back bit for bit (NaN payloads, -0.0 and infinities included)."""
+    gen = seed_gen
+    layers, blocks, slots, page = 3, 96, 64, (2, 8, 16)
+    kv = {f"l{i}": torch.empty(blocks, *page, dtype=torch.float32) for i in range(layers)}
+    pool = HostPool(kv, slots)
+    alloc = SlotAllocator(slots)
+    held: dict[int, dict[str, torch.Tensor]] = {}  # slot -> the bytes offloaded there
+    moved = recalled = 0
+    while recalled < 10_000:
+        for t in kv.values():  # fresh random bits, specials among them
+            t.view(torch.int32).copy_(torch.randint(-2**31, 2**31 - 1, t.shape, generator=gen, dtype=torch.int32))
+        n = int(torch.randint(1, min(32, alloc.num_free) + 1, (1,), generator=gen))
+        src = torch.randperm(blocks, generator=gen)[:n]
+        dst = torch.tensor([alloc.take() for _ in range(n)])
+        pool.store(kv, src, dst)
+        for s, b in zip(dst.tolist(), src.tolist()):
+            held[s] = {name: t[b].clone() for name, t in kv.items()}
+        moved += n
+        # recall a random part of what is held into random (other) blocks
+        back = list(held)[: int(torch.randint(1, len(held) + 1, (1,), generator=gen))]
+        into = torch.randperm(blocks, generator=gen)[: len(back)]
+        pool.load(kv, torch.tensor(back), into)
+        for s, b in zip(back, into.tolist()):
+            for name, t in kv.items():
+                assert torch.equal(t[b].view(torch.int32), held[s][name].view(torch.int32)), (s, b, name)
+            del held[s]
+        alloc.give_back(back)
+        recalled += len(back)
+    assert moved >= recalled >= 10_000
+
+
+def test_summaries_follow_their_page(seed_gen):
+    side = {"bounds": torch.randn(10 + 4, 3, 2, 8, generator=seed_gen)}
+    before = side["bounds"][[2, 7]].clone()
+    store_side_state(side, torch.tensor([2, 7]), torch.tensor([10 + 3, 10 + 0]))
+    assert torch.equal(side["bounds"][13], before[0]) and torch.equal(side["bounds"][10], before[1])
+
+
+def test_decode_reads_a_passive_page_from_the_pool_exactly(seed_gen):
+    """The same pages attended from the KV cache, or with some moved to the host pool and the block
+    table pointing past the cache: identical outputs, bit for bit."""
+    gen = seed_gen
+    n, hq, hkv, d, bs, blocks, pages = 3, 6, 2, 16, 8, 40, 9
+    k = torch.randn(blocks, bs, hkv, d, generator=gen)
+    v = torch.randn(blocks, bs, hkv, d, generator=gen)
+    q = torch.randn(n, hq, d, generator=gen)
+    table = torch.randperm(blocks, generator=gen)[: n * pages].view(n, pages).int()  # a block has one owner
+    seq_lens = torch.tensor([pages * bs - 3, pages * bs - 8 - 1, 5 * bs], dtype=torch.int32)
+    page_idx = torch.stack([torch.randperm(pages, generator=gen)[:5] for _ in range(n * hkv)]).view(n, hkv, 5).int()
+    ref = kernels.sparse_paged_decode(q, k, v, table, seq_lens, page_idx, 0.25)
+    slots = 7
+    hk, hv = torch.zeros(slots, bs, hkv, d), torch.zeros(slots, bs, hkv, d)
+    moved = table.clone()
+    for i, (row, p, s) in enumerate([(0, 1, 3), (0, 4, 0), (1, 2, 6), (2, 0, 1)]):
+        b = int(table[row, p])
+        hk[s], hv[s] = k[b], v[b]
+        k[b], v[b] = float("nan"), float("nan")  # the block went back to vLLM and was reused
+        moved[row, p] = blocks + s
+    got = kernels.sparse_paged_decode(q, k, v, moved, seq_lens, page_idx, 0.25, host_pages=(hk, hv))
+    assert torch.equal(got, ref)
+
+
+# ---- the scheduler side, on a stand-in for vLLM's KV-cache manager --------------------------------
+class _Manager:
+    """vLLM's single-group manager as far as the connector uses it (compat.request_block_ids,
+    compat.free_request_page); block 0 is the null block."""
+
+    def __init__(self):
+        self.req_to_blocks: dict[str, list] = {}
+        self.freed: list[int] = []
+
+    def _remove_blocks_in_range(self, rid, first, last):
+        for i in range(first, last):
+            self.freed.append(self.req_to_blocks[rid][i].block_id)
+            self.req_to_blocks[rid][i] = SimpleNamespace(block_id=0)
+
+
+def _side(slots=100, fraction=0.25, bs=16, sink=16, recent=32):
+    from vllm_sparsekv.offload.connector import _SchedulerSide
+
+    cfg = SparseKVConfig(dense_layers=[], sink_tokens=sink, recent_tokens=recent,
+                         offload={"enabled": True, "cpu_bytes": slots * 1000 * 2, "resident_fraction": fraction})
+    spec = SimpleNamespace(block_size=bs, page_size_bytes=1000)
+    side = _SchedulerSide(cfg, SimpleNamespace(kv_cache_groups=[SimpleNamespace(kv_cache_spec=spec,
+                                                                                 layer_names=["a", "b"])]))
+    mgr = _Manager()
+    return side, mgr, SimpleNamespace(coordinator=SimpleNamespace(single_type_managers=(mgr,)))
+
+
+def _add(side, mgr, rid, seq_len, bs=16, first_block=1):
+    """A decoding request whose next token is at position seq_len - 1."""
+    pages = math.ceil(seq_len / bs)
+    mgr.req_to_blocks[rid] = [SimpleNamespace(block_id=first_block + i) for i in range(pages)]
+    side.requests[rid] = SimpleNamespace(num_computed_tokens=seq_len - 1)
+
+
+def _step(side, kvm, rids, preempted=()):
+    return side.plan(SimpleNamespace(num_scheduled_tokens=dict.fromkeys(rids, 1), preempted_req_ids=set(preempted)),
+                     kvm)
+
+
+def _report(side, step, selected):
+    from vllm_sparsekv.offload.connector import SelectionReport
+
+    side.observe(SelectionReport(step, selected))
+
+
+def test_scheduler_frees_down_to_the_target_share_and_never_sink_or_recent_pages():
+    side, mgr, kvm = _side()
+    _add(side, mgr, "a", 40 * 16 - 5)  # 40 pages, the last one being written
+    meta = _step(side, kvm, ["a"])
+    assert meta.store == [] and meta.rows == {40: "a"}  # not decoding (no report yet): nothing moves
+    _report(side, meta.step, {"a": [0, 5, 39]})
+    meta = _step(side, kvm, ["a"])
+    pages = [p for _, p, _, _ in meta.store]
+    assert len(pages) == 40 - math.ceil(0.25 * 40)
+    assert min(pages) >= 1 and max(pages) < 40 - 2 - 1  # sink page 0; recent pages 38, 39 and page 37 stay
+    assert 5 not in pages  # LRU: the selected page goes last
+    assert sorted(mgr.freed) == sorted(b for _, _, b, _ in meta.store)  # their blocks went back to vLLM
+    assert len({s for *_, s in meta.store}) == len(pages)
+    assert _step(side, kvm, ["a"]).store == []  # at the target: nothing more
+
+
+def test_lru_policy_takes_the_least_recently_selected_first():
+    lru = LRUPolicy()
+    lru.observe("r", [3, 4], step=1)
+    lru.observe("r", [4], step=2)
+    assert lru.choose("r", [1, 2, 3, 4], 3) == [1, 2, 3]
+    lru.forget("r")
+    assert lru.choose("r", [4, 3], 1) == [3]
+
+
+def test_a_full_pool_keeps_pages_resident_and_finish_gives_slots_back(sparsekv_records):
+    side, mgr, kvm = _side(slots=5)
+    _add(side, mgr, "a", 40 * 16)
+    _report(side, 1, {"a": []})  # steps count from 1
+    meta = _step(side, kvm, ["a"])
+    assert len(meta.store) == 5 and meta.kept_for_lack_of_slots == 30 - 5
+    assert sum("host pool is full" in r.getMessage() for r in sparsekv_records) == 1
+    assert _step(side, kvm, ["a"]).kept_for_lack_of_slots == 30 - 5  # still full: counted, not logged again
+    assert sum("host pool is full" in r.getMessage() for r in sparsekv_records) == 1
+    side.finished("a")
+    assert side.slots.num_free == 5
+    _add(side, mgr, "b", 40 * 16, first_block=100)
+    _report(side, 2, {"b": []})
+    meta = _step(side, kvm, ["b"])
+    assert meta.drop == ["a"] and len(meta.store) == 5  # the worker forgets "a"; its slots serve "b"
+
+
+def test_preemption_drops_the_pages_and_ignores_stale_reports():
+    side, mgr, kvm = _side()
+    _add(side, mgr, "a", 40 * 16)
+    _report(side, 1, {"a": []})
+    assert _step(side, kvm, ["a"]).store
+    free = side.slots.num_free
+    meta = _step(side, kvm, [], preempted=["a"])  # vLLM freed its blocks; it will recompute
+    assert meta.drop == ["a"] and side.slots.num_free == side.slots.capacity > free
+    _report(side, meta.step - 1, {"a": [1]})  # a report from before the preemption
+    _add(side, mgr, "a", 40 * 16)  # recomputed and decoding again (fresh blocks)
+    assert _step(side, kvm, ["a"]).store == []  # not offloaded until a report after its restart
+
+
+def test_offload_config_is_checked_at_startup():
+    from tests.test_validate import engine
+    from vllm_sparsekv.backend import compat
+    from vllm_sparsekv.validate import validate_engine_config
+
+    with pytest.raises(SparseKVConfigError, match="sparsekv.offload.enabled: needs dense_layers"):
+        validate_engine_config(engine(sparsekv={"offload": {"enabled": True}}), "cpu")
+    ok = {"dense_layers": [], "offload": {"enabled": True}}
+    with pytest.raises(SparseKVConfigError, match="CPU platform"):
+        validate_engine_config(engine(sparsekv=ok), "cuda")
+    with pytest.raises(SparseKVConfigError, match="KV connector of your own"):
+        validate_engine_config(engine(sparsekv=ok, kv_transfer=SimpleNamespace(kv_connector="Nixl")), "cpu")
+    cfg = engine(sparsekv=ok)
+    validate_engine_config(cfg, "cpu")
+    assert compat.is_offload_connector(cfg.kv_transfer_config)  # the plugin adds its connector
+    validate_engine_config(cfg, "cpu")  # vLLM reruns the hook: ours is accepted
+    with pytest.raises(SparseKVConfigError, match="offload.enabled instead"):
+        validate_engine_config(engine(kv_transfer=cfg.kv_transfer_config), "cpu")
+    with pytest.raises(SparseKVConfigError, match="sparsekv.offload.resident_fraction: must be in"):
+        validate_engine_config(engine(sparsekv={**ok, "offload": {"resident_fraction": 1.5}}), "cpu")
+    assert num_slots(10_000, 1000, 3) == 3
