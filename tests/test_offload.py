@@ -173,7 +173,7 @@ def test_preemption_drops_the_pages_and_ignores_stale_reports():
     assert _step(side, kvm, ["a"]).store
     free = side.slots.num_free
     meta = _step(side, kvm, [], preempted=["a"])  # vLLM freed its blocks; it will recompute
-    assert meta.drop == ["a"] and side.slots.num_free == side.slots.capacity > free
+    assert meta.preempted == ["a"] and side.slots.num_free == side.slots.capacity > free
     _report(side, meta.step - 1, {"a": [1]})  # a report from before the preemption
     _add(side, mgr, "a", 40 * 16)  # recomputed and decoding again (fresh blocks)
     assert _step(side, kvm, ["a"]).store == []  # not offloaded until a report after its restart

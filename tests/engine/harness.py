@@ -9,11 +9,12 @@ import tempfile
 RUNNER = os.path.join(os.path.dirname(__file__), "runner.py")
 
 
-def run_engine(spec: dict, timeout: int = 900) -> dict:
+def run_engine(spec: dict, timeout: int = 900, script: str = RUNNER) -> dict:
+    """Run `script` (runner.py, or another engine script with the same SPEC_JSON / RESULT contract)."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:  # long prompts overflow argv
         json.dump(spec, f)
     try:
-        proc = subprocess.run([sys.executable, RUNNER, "@" + f.name], capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run([sys.executable, script, "@" + f.name], capture_output=True, text=True, timeout=timeout)
     finally:
         os.unlink(f.name)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]

@@ -37,7 +37,8 @@ class OffloadStep(KVConnectorMetadata):
 
     step: int
     num_slots: int
-    drop: list[str] = field(default_factory=list)  # finished / aborted / preempted: forget their pages
+    drop: list[str] = field(default_factory=list)  # finished / aborted: forget their pages
+    preempted: list[str] = field(default_factory=list)  # recompute from the prompt: forget their pages
     store: list[tuple[str, int, int, int]] = field(default_factory=list)  # (request, page, block, slot)
     rows: dict[int, str] = field(default_factory=dict)  # block this step writes -> request (1-token rows)
     kept_for_lack_of_slots: int = 0
@@ -65,6 +66,10 @@ class SparseKVOffloadConnector(KVConnectorBase_V1):
             self.scheduler_side = _SchedulerSide(cfg, kv_cache_config)
         else:
             self.worker_side = store_mod.OffloadStore(cfg, vllm_config)
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        return False  # we hand no KV off to anyone: a preempted request simply recomputes
 
     # ---- scheduler side ----------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int):
@@ -138,7 +143,7 @@ class _SchedulerSide:
         for rid in getattr(so, "preempted_req_ids", None) or ():
             self._release(rid)  # vLLM freed its blocks; it recomputes from the prompt
             self.restart[rid] = self.step
-            meta.drop.append(rid)
+            meta.preempted.append(rid)
         bs = self.block_size
         for rid, n in so.num_scheduled_tokens.items():
             req = self.requests.get(rid)

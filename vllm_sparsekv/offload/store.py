@@ -64,6 +64,9 @@ class OffloadStore:
                                f"({meta.num_slots} vs {None if self.pool is None else self.pool.slots} slots)")
         for rid in meta.drop:
             self.passive.pop(rid, None)
+        for rid in meta.preempted:
+            if self.passive.pop(rid, None):
+                stats.bump("preempted_with_passive_pages")
         if meta.store:
             rids, pages, blocks, slots = zip(*meta.store)
             blocks_t = torch.tensor(blocks, dtype=torch.long)

@@ -1,0 +1,84 @@
+"""One engine on CPU with the passive store under stress, in this process: a KV space so small
+that requests are preempted, a host pool so small that it fills, and requests aborted while they
+have passive pages. Prints JSON: the outputs of the requests that ran to the end, the counters, and
+what the scheduler and worker still hold after one more request (nothing, if nothing leaked).
+Usage: python offload_lifecycle.py SPEC_JSON (model, sparsekv, prompts (>= 4), max_tokens,
+first_max_tokens (requests 0-2), num_blocks, max_model_len)."""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the scheduler is inspected in-process
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+def main() -> None:
+    arg = sys.argv[1]
+    if arg.startswith("@"):
+        with open(arg[1:]) as f:
+            arg = f.read()
+    spec = json.loads(arg)
+    from vllm import LLM, SamplingParams
+
+    from vllm_sparsekv import stats
+    from vllm_sparsekv.offload import store as offload_store
+
+    llm = LLM(spec["model"], dtype="float32", enforce_eager=True, gpu_memory_utilization=0.5,
+              distributed_executor_backend="uni", max_model_len=spec.get("max_model_len", 1024),
+              enable_prefix_caching=False, seed=0, num_gpu_blocks_override=spec["num_blocks"],
+              disable_log_stats=False,
+              attention_backend="sparsekv", additional_config={"sparsekv": spec["sparsekv"]})
+    engine = llm.llm_engine
+    sp = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"])
+    long = SamplingParams(temperature=0.0, max_tokens=spec["first_max_tokens"])  # still running at step 3
+    prompts = spec["prompts"]
+    worker_store = offload_store.current()
+    done: dict[str, object] = {}
+
+    def step_until(cond) -> None:
+        while engine.has_unfinished_requests() and not cond():
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = out
+
+    def passive(rid: str) -> int:  # the store knows vLLM's internal ids, "<id>-<suffix>"
+        return sum(len(p) for r, p in worker_store.passive.items() if r.rsplit("-", 1)[0] == rid)
+
+    # 1. three requests decode until two of them have passive pages (a small pool fills up)
+    for rid in ("0", "1", "2"):
+        engine.add_request(rid, prompts[int(rid)], long)
+    step_until(lambda: passive("0") and passive("1"))
+    # 2. abort one of them while it holds passive pages
+    aborted = [r for r in worker_store.passive if r.rsplit("-", 1)[0] == "1"]
+    engine.abort_request(aborted, internal=True)
+    # 3. vLLM preempts every running request (its own preemption path: blocks freed, recompute later)
+    with_passive = passive("0")
+    engine.reset_prefix_cache(reset_running_requests=True)
+    # 4. more requests arrive; everything runs to the end
+    for i in range(3, len(prompts)):
+        engine.add_request(str(i), prompts[i], sp)
+    step_until(lambda: False)
+    # one more request: its first step applies the last finishes; then nothing may be held
+    engine.add_request("last", "The capital of France is", SamplingParams(temperature=0.0, max_tokens=2))
+    while engine.has_unfinished_requests():
+        engine.step()
+    scheduler = engine.engine_core.engine_core.scheduler
+    side = scheduler.connector.scheduler_side
+    results = {rid: {"token_ids": list(o.outputs[0].token_ids), "preemptions": o.metrics.num_preemptions}
+               for rid, o in done.items() if rid != "1"}
+    print("RESULT " + json.dumps({
+        "results": results, "aborted": ["1"] if aborted else [], "stats": stats.snapshot(),
+        "passive_at_preemption": with_passive,
+        "held_slots": side.slots.capacity - side.slots.num_free, "slots": side.slots.capacity,
+        "scheduler_passive": {r: len(p) for r, p in side.passive.items() if p},
+        "worker_passive": {r: len(p) for r, p in worker_store.passive.items() if p},
+        "free_blocks": scheduler.kv_cache_manager.block_pool.get_num_free_blocks(),
+        "num_blocks": spec["num_blocks"],
+    }))
+
+
+if __name__ == "__main__":
+    main()

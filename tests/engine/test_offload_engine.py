@@ -1,0 +1,70 @@
+"""The passive store inside vLLM on CPU (SmolLM2, float32, greedy): in a small KV space more
+requests decode at once with offload on, the answers stay token for token those of sparsekv without
+offload, and abort, preemption and a full host pool lose no request and leak no block or slot."""
+
+import os
+
+import pytest
+
+from sparsekv_eval.passkey import passkey_prompt
+from tests.engine.harness import ON_CUDA, run_engine
+
+pytestmark = [pytest.mark.engine,
+              pytest.mark.skipif(ON_CUDA, reason="the passive store runs on the CPU platform only so far")]
+
+LIFECYCLE = os.path.join(os.path.dirname(__file__), "offload_lifecycle.py")
+# six ~300-token prompts = 10 of sparsekv's 32-token CPU pages each, in a KV space of 24 blocks:
+# without offload two requests fit at once
+SPARSE = {"method": "quest", "token_budget": 192, "sink_tokens": 32, "recent_tokens": 32, "dense_layers": []}
+ENGINE = {"max_tokens": 16, "num_blocks": 24, "max_model_len": 448}
+PAGE_BYTES = 30 * 3 * 32 * 2 * 64 * 4  # SmolLM2: one page of every layer (30 layers, 3 KV heads, fp32)
+
+
+def offload(slots: int) -> dict:
+    return {**SPARSE, "offload": {"enabled": True, "cpu_bytes": slots * PAGE_BYTES, "resident_fraction": 0.25}}
+
+
+@pytest.fixture(scope="module")
+def prompts(smollm2_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_path)
+    keys = (("31415", .3), ("27182", .6), ("16180", .5), ("14142", .2), ("17320", .8), ("22360", .4))
+    return [passkey_prompt(tok, 300, key, depth) for key, depth in keys]
+
+
+@pytest.fixture(scope="module")
+def without_offload(smollm2_path, prompts):
+    return run_engine({"model": smollm2_path, "backend": "sparsekv", "sparsekv": SPARSE, "prompts": prompts,
+                       **ENGINE})
+
+
+def test_offload_runs_more_requests_at_once_with_the_same_answers(smollm2_path, prompts, without_offload):
+    got = run_engine({"model": smollm2_path, "backend": "sparsekv", "sparsekv": offload(slots=200),
+                      "prompts": prompts, **ENGINE})
+    off, on = without_offload["stats"], got["stats"]
+    assert on["offloaded_pages"] > 0 and "offloaded_pages" not in off
+    assert not on.get("offload_pool_full_pages")
+    # decode rows of one step: what the KV space allows at once (vLLM admits a request only when
+    # its whole prompt fits), 2 without offload here
+    assert on["max_decode_rows"] >= off["max_decode_rows"] + 2, (on, off)
+    for i, (a, b) in enumerate(zip(without_offload["results"], got["results"])):
+        assert b["token_ids"] == a["token_ids"], f"prompt {i}: {b['text']!r} vs {a['text']!r}"
+
+
+def test_abort_preemption_and_a_full_pool_lose_no_request(smollm2_path, prompts, without_offload):
+    got = run_engine({"model": smollm2_path, "sparsekv": offload(slots=12), "prompts": prompts,
+                      "first_max_tokens": 32, **ENGINE}, script=LIFECYCLE)
+    s = got["stats"]
+    assert got["aborted"] == ["1"]  # aborted while it held passive pages
+    assert got["passive_at_preemption"] > 0 and s["preempted_with_passive_pages"] >= 1
+    assert s["offload_pool_full_pages"] > 0  # the pool filled; those pages stayed in the KV cache
+    results = got["results"]
+    assert sorted(results) == ["0", "2", "3", "4", "5"]
+    assert results["0"]["preemptions"] >= 1
+    for rid in ("0", "2", "3", "4", "5"):
+        want = without_offload["results"][int(rid)]["token_ids"]
+        assert results[rid]["token_ids"][: len(want)] == want, f"request {rid}"
+    # nothing held after the last request: every slot back, every block back in vLLM's pool
+    assert got["held_slots"] == 0 and got["scheduler_passive"] == {} and got["worker_passive"] == {}
+    assert got["free_blocks"] == got["num_blocks"] - 1  # all but the null block
