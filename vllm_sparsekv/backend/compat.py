@@ -264,8 +264,8 @@ def offload_transfer_config():
 
 
 def is_offload_connector(kv_transfer_config) -> bool:
-    return (kv_transfer_config is not None and kv_transfer_config.kv_connector == OFFLOAD_CONNECTOR
-            and kv_transfer_config.kv_connector_module_path == OFFLOAD_CONNECTOR_MODULE)
+    return (getattr(kv_transfer_config, "kv_connector", None) == OFFLOAD_CONNECTOR
+            and getattr(kv_transfer_config, "kv_connector_module_path", None) == OFFLOAD_CONNECTOR_MODULE)
 
 
 def _attention_manager(kv_cache_manager):
