@@ -1,6 +1,7 @@
 """The passive store inside vLLM on CPU (SmolLM2, float32, greedy): in a small KV space more
 requests decode at once with offload on, the answers stay token for token those of sparsekv without
-offload, and abort, preemption and a full host pool lose no request and leak no block or slot."""
+offload, and abort, preemption, prefix-cache hits on freed blocks and a full host pool lose no
+request and leak no block or slot."""
 
 import os
 
@@ -52,13 +53,14 @@ def test_offload_runs_more_requests_at_once_with_the_same_answers(smollm2_path, 
         assert b["token_ids"] == a["token_ids"], f"prompt {i}: {b['text']!r} vs {a['text']!r}"
 
 
-def test_abort_preemption_and_a_full_pool_lose_no_request(smollm2_path, prompts, without_offload):
+def test_abort_preemption_prefix_hits_and_a_full_pool_lose_no_request(smollm2_path, prompts, without_offload):
     got = run_engine({"model": smollm2_path, "sparsekv": offload(slots=12), "prompts": prompts,
                       "first_max_tokens": 32, **ENGINE}, script=LIFECYCLE)
     s = got["stats"]
     assert got["aborted"] == ["1"]  # aborted while it held passive pages
     assert got["passive_at_preemption"] > 0 and s["preempted_with_passive_pages"] >= 1
     assert s["offload_pool_full_pages"] > 0  # the pool filled; those pages stayed in the KV cache
+    assert got["prefix_hits_on_offloaded_blocks"] > 0  # freed blocks kept their bytes for prefix hits
     results = got["results"]
     assert sorted(results) == ["0", "2", "3", "4", "5"]
     assert results["0"]["preemptions"] >= 1

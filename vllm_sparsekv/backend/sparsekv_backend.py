@@ -427,7 +427,8 @@ class SparseKVImpl(AttentionImpl):
         self.selector = get_method(self.config.method)(self.config, geometry)
         side = compat.page_tail_views(kv_cache, self.selector.side_state(kv_cache.dtype), page_tail_bytes)
         if side is None:  # plus one row per host slot of the passive store: summaries stay here
-            self.selector.allocate(kv_cache.shape[0] + offload_store.host_rows(), kv_cache.dtype, kv_cache.device)
+            rows = kv_cache.shape[0] + (offload_store.host_rows() if self.config.offload.enabled else 0)
+            self.selector.allocate(rows, kv_cache.dtype, kv_cache.device)
         else:
             self.selector.bind(side, kv_cache.device)
         _log_placement(side is not None, self.selector.side_bytes_per_block(kv_cache.dtype), kv_cache.shape[0])

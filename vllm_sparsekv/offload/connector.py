@@ -21,7 +21,6 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorWorkerMetadata,
 )
 
-from vllm_sparsekv import stats
 from vllm_sparsekv.backend import compat
 from vllm_sparsekv.config import load_config
 from vllm_sparsekv.offload import store as store_mod
