@@ -179,7 +179,7 @@ def test_preemption_drops_the_pages_and_ignores_stale_reports():
     assert _step(side, kvm, ["a"]).store == []  # not offloaded until a report after its restart
 
 
-def test_offload_config_is_checked_at_startup():
+def test_offload_config_is_checked_at_startup(sparsekv_records):
     from tests.test_validate import engine
     from vllm_sparsekv.backend import compat
     from vllm_sparsekv.validate import validate_engine_config
@@ -194,6 +194,9 @@ def test_offload_config_is_checked_at_startup():
     cfg = engine(sparsekv=ok)
     validate_engine_config(cfg, "cpu")
     assert compat.is_offload_connector(cfg.kv_transfer_config)  # the plugin adds its connector
+    line = [r.getMessage() for r in sparsekv_records if r.getMessage().startswith("sparsekv: method")][-1]
+    assert line.endswith("passive store: 1.00 GiB host pool, 0.5 of each decoding request's pages resident, "
+                         "policy lru"), line
     validate_engine_config(cfg, "cpu")  # vLLM reruns the hook: ours is accepted
     with pytest.raises(SparseKVConfigError, match="offload.enabled instead"):
         validate_engine_config(engine(kv_transfer=cfg.kv_transfer_config), "cpu")

@@ -149,9 +149,12 @@ def startup_line(cfg, block_size: int | None, num_layers: int | None, device_typ
         kernels = f"torch reference ({device_type})"
     opts = cfg.options().model_dump()
     opts_text = f" {opts}" if opts else ""
+    off = cfg.offload
+    store = (f", passive store: {off.cpu_bytes / 2**30:.2f} GiB host pool, {off.resident_fraction:g} of each "
+             f"decoding request's pages resident, policy {off.policy}" if off.enabled else "")
     return (f"sparsekv: method {cfg.method}{opts_text}, budget {budget} per (request, KV head) "
             f"+ sink {cfg.sink_tokens} / recent {cfg.recent_tokens} tokens, page size {page}, "
-            f"dense layers {cfg.dense_layers}{of}, min_context {cfg.min_context}, kernels: {kernels}")
+            f"dense layers {cfg.dense_layers}{of}, min_context {cfg.min_context}, kernels: {kernels}{store}")
 
 
 def _check_head_budgets(vllm_config) -> None:
