@@ -110,7 +110,7 @@ def _add(side, mgr, rid, seq_len, bs=16, first_block=1):
     """A decoding request whose next token is at position seq_len - 1."""
     pages = math.ceil(seq_len / bs)
     mgr.req_to_blocks[rid] = [SimpleNamespace(block_id=first_block + i) for i in range(pages)]
-    side.requests[rid] = SimpleNamespace(num_computed_tokens=seq_len - 1)
+    side.requests[rid] = SimpleNamespace(request_id=rid, num_computed_tokens=seq_len - 1)
 
 
 def _step(side, kvm, rids, preempted=()):
@@ -177,6 +177,18 @@ def test_preemption_drops_the_pages_and_ignores_stale_reports():
     _report(side, meta.step - 1, {"a": [1]})  # a report from before the preemption
     _add(side, mgr, "a", 40 * 16)  # recomputed and decoding again (fresh blocks)
     assert _step(side, kvm, ["a"]).store == []  # not offloaded until a report after its restart
+
+
+def test_a_request_admitted_again_was_preempted():
+    """vLLM 0.32 names preempted requests in the step's output; a request that gets blocks again is
+    the same signal, should a version not name them."""
+    side, mgr, kvm = _side()
+    _add(side, mgr, "a", 40 * 16)
+    _report(side, 1, {"a": []})
+    assert _step(side, kvm, ["a"]).store
+    side.admitted(side.requests["a"])  # got blocks again: resumed, recomputes from the prompt
+    assert side.slots.num_free == side.slots.capacity and "a" not in side.decoding
+    assert _step(side, kvm, []).preempted == ["a"]
 
 
 def test_offload_config_is_checked_at_startup(sparsekv_records):

@@ -74,11 +74,15 @@ class SparseKVOffloadConnector(KVConnectorBase_V1):
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int):
         return 0, False  # we load nothing at admission: passive pages belong to running requests
 
+    def bind_kv_cache_manager(self, kv_cache_manager) -> None:
+        super().bind_kv_cache_manager(kv_cache_manager)
+        self.kv_cache_manager = kv_cache_manager  # ours to keep: the base's attribute name may move
+
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
-        self.scheduler_side.requests[request.request_id] = request
+        self.scheduler_side.admitted(request)
 
     def build_connector_meta(self, scheduler_output) -> OffloadStep:
-        return self.scheduler_side.plan(scheduler_output, self._kv_cache_manager)
+        return self.scheduler_side.plan(scheduler_output, self.kv_cache_manager)
 
     def update_connector_output(self, connector_output) -> None:
         report = getattr(connector_output, "kv_connector_worker_meta", None)
@@ -132,16 +136,16 @@ class _SchedulerSide:
         self.decoding: set[str] = set()  # requests whose sparse decode has reported since their (re)start
         self.restart: dict[str, int] = {}  # request -> step of its last preemption (older reports are stale)
         self.pending_drop: list[str] = []
+        self.pending_preempted: list[str] = []
         self.step = 0
         self.full_logged = False
 
     def plan(self, so, kv_cache_manager) -> OffloadStep:
         self.step += 1
-        meta = OffloadStep(self.step, self.slots.capacity, drop=self.pending_drop)
-        self.pending_drop = []
+        meta = OffloadStep(self.step, self.slots.capacity, drop=self.pending_drop, preempted=self.pending_preempted)
+        self.pending_drop, self.pending_preempted = [], []
         for rid in getattr(so, "preempted_req_ids", None) or ():
-            self._release(rid)  # vLLM freed its blocks; it recomputes from the prompt
-            self.restart[rid] = self.step
+            self._preempted(rid)
             meta.preempted.append(rid)
         bs = self.block_size
         for rid, n in so.num_scheduled_tokens.items():
@@ -178,6 +182,20 @@ class _SchedulerSide:
             meta.store.append((rid, p, ids[p], slot))
             passive[p] = slot
             compat.free_request_page(kv_cache_manager, rid, p)
+
+    def admitted(self, request) -> None:
+        """A request got its blocks: a new one, or one resumed after a preemption (known already),
+        which recomputes from the prompt. Either signal of a preemption suffices (this one and
+        `preempted_req_ids`); handling it twice is harmless."""
+        rid = request.request_id
+        if rid in self.requests:
+            self._preempted(rid)
+            self.pending_preempted.append(rid)
+        self.requests[rid] = request
+
+    def _preempted(self, rid: str) -> None:
+        self._release(rid)  # vLLM freed its blocks; it recomputes from the prompt
+        self.restart[rid] = self.step + 1  # reports up to the step being scheduled are stale
 
     def observe(self, report: SelectionReport) -> None:
         for rid, pages in report.selected.items():
