@@ -14,6 +14,7 @@ pytestmark = [pytest.mark.engine,
               pytest.mark.skipif(ON_CUDA, reason="the passive store runs on the CPU platform only so far")]
 
 LIFECYCLE = os.path.join(os.path.dirname(__file__), "offload_lifecycle.py")
+SPAWNED = os.path.join(os.path.dirname(__file__), "offload_spawned.py")
 # six ~300-token prompts = 10 of sparsekv's 32-token CPU pages each, in a KV space of 24 blocks:
 # without offload two requests fit at once
 SPARSE = {"method": "quest", "token_budget": 192, "sink_tokens": 32, "recent_tokens": 32, "dense_layers": []}
@@ -41,16 +42,19 @@ def without_offload(smollm2_path, prompts):
 
 
 def test_offload_runs_more_requests_at_once_with_the_same_answers(smollm2_path, prompts, without_offload):
-    got = run_engine({"model": smollm2_path, "backend": "sparsekv", "sparsekv": offload(slots=200),
-                      "prompts": prompts, **ENGINE})
+    # with the engine core and the worker in processes of their own, as `vllm serve` runs them: the
+    # plugin's connector reaches both through the pickled config
+    got = run_engine({"model": smollm2_path, "sparsekv": offload(slots=200), "prompts": prompts, **ENGINE},
+                     script=SPAWNED)
     off, on = without_offload["stats"], got["stats"]
+    assert on["pid"] != got["pid"]  # counted in the worker's own process
     assert on["offloaded_pages"] > 0 and "offloaded_pages" not in off
     assert not on.get("offload_pool_full_pages")
     # decode rows of one step: what the KV space allows at once (vLLM admits a request only when
     # its whole prompt fits), 2 without offload here
     assert on["max_decode_rows"] >= off["max_decode_rows"] + 2, (on, off)
     for i, (a, b) in enumerate(zip(without_offload["results"], got["results"])):
-        assert b["token_ids"] == a["token_ids"], f"prompt {i}: {b['text']!r} vs {a['text']!r}"
+        assert b["token_ids"] == a["token_ids"], f"prompt {i}: {b['token_ids']} vs {a['token_ids']} ({a['text']!r})"
 
 
 def test_abort_preemption_prefix_hits_and_a_full_pool_lose_no_request(smollm2_path, prompts, without_offload):
@@ -70,3 +74,4 @@ def test_abort_preemption_prefix_hits_and_a_full_pool_lose_no_request(smollm2_pa
     # nothing held after the last request: every slot back, every block back in vLLM's pool
     assert got["held_slots"] == 0 and got["scheduler_passive"] == {} and got["worker_passive"] == {}
     assert got["free_blocks"] == got["num_blocks"] - 1  # all but the null block
+
