@@ -1,7 +1,8 @@
 """One engine on CPU with the passive store under stress, in this process: requests preempted
 and aborted while they have passive pages, a host pool so small that it fills, and prefix caching
-on (prompts share their first pages), so blocks the store freed serve other requests' prefix hits. Prints JSON: the outputs of the requests that ran to the end, the counters, and
-what the scheduler and worker still hold after one more request (nothing, if nothing leaked).
+on (prompts share their first pages), so blocks the store freed serve other requests' prefix hits.
+Prints JSON: the outputs of the requests that ran to the end, the counters, and what the scheduler
+and worker still hold after one more request (nothing, if nothing leaked).
 Usage: python offload_lifecycle.py SPEC_JSON (model, sparsekv, prompts (>= 4), max_tokens,
 first_max_tokens (requests 0-2), num_blocks, max_model_len)."""
 
