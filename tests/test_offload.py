@@ -215,3 +215,32 @@ def test_offload_config_is_checked_at_startup(sparsekv_records):
     with pytest.raises(SparseKVConfigError, match="sparsekv.offload.resident_fraction: must be in"):
         validate_engine_config(engine(sparsekv={**ok, "offload": {"resident_fraction": 1.5}}), "cpu")
     assert num_slots(10_000, 1000, 3) == 3
+
+
+def test_host_reads_count_the_selected_passive_pages_and_their_bytes():
+    """What the capacity benchmark reports as host traffic: a selected passive page is one host
+    read per (layer, KV head); resident and unselected passive pages are not."""
+    from vllm_sparsekv import stats
+    from vllm_sparsekv.offload import store as store_mod
+
+    bs, hkv, d, blocks = 4, 2, 8, 20
+    cfg = SparseKVConfig(dense_layers=[], offload={"enabled": True, "cpu_bytes": 10 ** 6})
+    old = store_mod._current
+    try:
+        store = store_mod.OffloadStore(cfg, None)
+        store.register({"l0": torch.zeros(blocks, 2, bs, hkv, d)})
+        store.passive = {"a": {1: 0, 3: 2}, "b": {0: 1}}
+        store.rows = {5: "a", 9: "b"}
+        table = torch.tensor([[4, 0, 6, 0, 5], [0, 8, 9, 0, 0]], dtype=torch.int32)
+        _, on_host = store.plan_decode(table, torch.tensor([5 * bs + 1, 9 * bs + 2]), bs, max_pages=5)
+        assert on_host
+        stats.reset()
+        # row a, head 0: pages 1 (host), 2; head 1: 3 (host), 0 and a padded entry; row b: 2 | 0 (host)
+        page_idx = torch.tensor([[[1, 2, -1], [3, 0, 4]], [[2, -1, -1], [0, 1, -1]]])
+        store.note_selected(page_idx, num_selected=torch.tensor([[2, 2], [1, 2]]))
+        snap = stats.snapshot()
+        assert snap["host_page_reads"] == 3
+        assert snap["host_read_bytes"] == 3 * 2 * bs * d * 4  # K and V of one head, float32
+    finally:
+        store_mod._current = old
+        stats.reset()

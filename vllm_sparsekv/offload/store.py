@@ -44,6 +44,7 @@ class OffloadStore:
         self.step = 0
         self.row_reqs: list[str | None] = []  # this step's decode rows, in batch order
         self._selected: torch.Tensor | None = None  # [rows, max_pages + 1] bool
+        self._on_host: torch.Tensor | None = None  # [rows, max_pages + 1] bool: this step's passive pages
         _current = self
 
     def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -77,6 +78,8 @@ class OffloadStore:
             for rid, page, slot in zip(rids, pages, slots):
                 self.passive.setdefault(rid, {})[page] = slot
             stats.bump("offloaded_pages", len(meta.store))
+            stats.bump("offloaded_bytes", len(meta.store) * sum(p[0].numel() * p.element_size()
+                                                                for p in self.pool.pages.values()))
         if meta.kept_for_lack_of_slots:
             stats.bump("offload_pool_full_pages", meta.kept_for_lack_of_slots)
         stats.peak("passive_pages_max", sum(len(p) for p in self.passive.values()))
@@ -109,13 +112,16 @@ class OffloadStore:
             missing = [b for b, r in zip(blocks, self.row_reqs) if r is None]
             raise RuntimeError(f"sparsekv offload: decode rows writing blocks {missing} are not in the step's plan")
         self._selected = torch.zeros(nd, max_pages + 1, dtype=torch.bool, device=block_table.device)
+        self._on_host = None
         rows = [(i, self.passive[r]) for i, r in enumerate(self.row_reqs) if self.passive.get(r)]
         if not rows:
             return block_table, False
         table = block_table.clone()
+        self._on_host = torch.zeros_like(self._selected)
         for i, passive in rows:
             pages = torch.tensor(list(passive), dtype=torch.long)
             table[i, pages] = torch.tensor(list(passive.values()), dtype=table.dtype) + self.num_blocks
+            self._on_host[i, pages.to(self._on_host.device)] = True
         return table, True
 
     def host_views(self, layer_name: str, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,8 +137,21 @@ class OffloadStore:
         idx = page_idx.long()
         if num_selected is not None:
             idx = idx.masked_fill(torch.arange(idx.shape[2], device=idx.device) >= num_selected[..., None], -1)
-        idx = idx.reshape(idx.shape[0], -1)
-        sel.scatter_(1, torch.where(idx >= 0, idx, sel.shape[1] - 1), True)
+        hkv = idx.shape[1]
+        idx = torch.where(idx >= 0, idx, sel.shape[1] - 1).reshape(idx.shape[0], -1)
+        sel.scatter_(1, idx, True)
+        if self._on_host is not None:
+            self._count_host_reads(int(self._on_host.gather(1, idx).sum()), hkv)
+
+    def _count_host_reads(self, reads: int, hkv: int) -> None:
+        """The decode reads passive pages from the host at every step they are selected (no recall
+        yet), so these counters are the host traffic the capacity benchmark reports: `host_page_reads`
+        counts (layer, KV head, page) reads, `host_read_bytes` their K and V bytes. Only selected pages
+        count: a config that selects every page reports no selection, so nothing of it goes passive."""
+        if reads:
+            pages = next(iter(self.pool.pages.values()))
+            stats.bump("host_page_reads", reads)
+            stats.bump("host_read_bytes", reads * pages[0].numel() * pages.element_size() // hkv)
 
     def take_selection(self) -> tuple[int, dict[str, list[int]]]:
         """(step, request -> selected pages) of the step just run, then cleared."""
