@@ -9,6 +9,15 @@ import tempfile
 RUNNER = os.path.join(os.path.dirname(__file__), "runner.py")
 
 
+def read_spec(arg: str) -> dict:
+    """The engine scripts' SPEC_JSON argument: JSON text, or @path to a file holding it (long
+    prompts overflow argv)."""
+    if arg.startswith("@"):
+        with open(arg[1:]) as f:
+            arg = f.read()
+    return json.loads(arg)
+
+
 def run_engine(spec: dict, timeout: int = 900, script: str = RUNNER) -> dict:
     """Run `script` (runner.py, or another engine script with the same SPEC_JSON / RESULT contract)."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:  # long prompts overflow argv

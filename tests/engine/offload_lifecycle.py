@@ -16,12 +16,10 @@ os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
+from harness import read_spec  # noqa: E402  (a sibling: these scripts run as files)
+
 def main() -> None:
-    arg = sys.argv[1]
-    if arg.startswith("@"):
-        with open(arg[1:]) as f:
-            arg = f.read()
-    spec = json.loads(arg)
+    spec = read_spec(sys.argv[1])
     from vllm import LLM, SamplingParams
 
     from vllm_sparsekv import stats
