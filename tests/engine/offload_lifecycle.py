@@ -16,7 +16,8 @@ os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
-from harness import read_spec  # noqa: E402  (a sibling: these scripts run as files)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # run as a file: the repo root
+from tests.engine.harness import read_spec  # noqa: E402
 
 def main() -> None:
     spec = read_spec(sys.argv[1])

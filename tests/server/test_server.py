@@ -74,7 +74,8 @@ def test_metrics_endpoint_exports_the_worker_counters(server):
         m = {n: float(v) for n, labels, v in re.findall(r"^vllm:sparsekv_(\w+)\{(.*)\} (\S+)$", text, re.M)
              if sorted(labels.split(",")) == ['engine="0"', 'model_name="smol"']}
         s = json.load(open(server["stats_file"])) if os.path.exists(server["stats_file"]) else {}
-        if set(names) <= set(m) and s and all(m[f"{k}_total"] == s[k] for k in s if k.endswith(("pages", "rows"))):
+        if set(names) <= set(m) and s and all(m[f"{k}_total"] == s[k] for k in ("attended_pages", "held_pages",
+                                                                                "decode_rows")):
             break
         time.sleep(0.5)
     assert set(names) <= set(m), m
