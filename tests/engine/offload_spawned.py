@@ -14,9 +14,9 @@ os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # run as a file: the repo root
 from tests.engine.harness import read_spec  # noqa: E402
+
 
 def main() -> None:
     spec = read_spec(sys.argv[1])
