@@ -221,7 +221,8 @@ def run_config(a) -> None:
     backend, block, sparse = CONFIGS[a.run]
     grid = [tuple(map(int, g.split(":"))) for g in a.grid.split(",")]
     max_ctx = max(c for _, c in grid)
-    kw = dict(model=a.model, dtype="bfloat16", max_model_len=max_ctx + a.output, enable_prefix_caching=False,
+    kw = dict(model=a.model, dtype="bfloat16", max_model_len=a.max_model_len or max_ctx + a.output,
+              enable_prefix_caching=False,
               skip_tokenizer_init=True, gpu_memory_utilization=0.9, max_num_seqs=max(b for b, _ in grid),
               max_num_batched_tokens=a.chunk, block_size=block, disable_log_stats=False, seed=0,
               attention_backend=backend,
@@ -272,6 +273,8 @@ def main() -> int:
     ap.add_argument("--grid", default="1:32768,8:32768,16:8192,4:131072")
     ap.add_argument("--grid-for", action="append", default=[], help="NAME=GRID: a smaller grid for one config")
     ap.add_argument("--output", type=int, default=128)
+    ap.add_argument("--max-model-len", type=int, default=None,
+                    help="default: the grid's largest context + --output (the kernels' static shapes follow it)")
     ap.add_argument("--chunk", type=int, default=16384, help="max_num_batched_tokens (prefill chunk)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--commit", default=os.environ.get("SPARSEKV_COMMIT", "unknown"))
@@ -303,6 +306,7 @@ def main() -> int:
         grid = per_config.get(name, a.grid)
         cmd = [sys.executable, __file__, "--run", name, "--model", a.model, "--grid", grid,
                "--output", str(a.output), "--chunk", str(a.chunk), "--profile-steps", str(a.profile_steps),
+               *(["--max-model-len", str(a.max_model_len)] if a.max_model_len else []),
                "--profile-activities", a.profile_activities]
         cmd += (["--dummy"] if a.llama8b_dummy else []) + (["--trace-dir", f"{a.trace_dir}/{name}"] if a.trace_dir else [])
         t0 = time.time()
@@ -323,7 +327,7 @@ def main() -> int:
         doc = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "device": dev,
                "vllm": vllm.__version__, "torch": torch.__version__, "commit": a.commit,
                "model": "Llama-3-8B shape, dummy weights" if a.llama8b_dummy else a.model,
-               "output_tokens": a.output, "rows": table, "failures": failures}
+               "output_tokens": a.output, "max_model_len": a.max_model_len, "rows": table, "failures": failures}
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
         # after every configuration: a device call cut short keeps the configurations it finished

@@ -40,9 +40,12 @@ STRESS = [  # (name, sparsekv config or None, extra args)
     # long prompts decoding far into a KV cache too small for all of them: the scheduler must preempt
     ("quest-preempt", {"method": "quest", "budget_fraction": 0.0625},
      ["--kv-bytes", str(256 << 20), "--requests", "48", "--min-len", "2048", "--max-len", "6144", "--max-tokens", "768"]),
-    # 16K-60K prompts (the default runs stop at 12K)
+    # 16K-127K prompts (the default runs stop at 12K)
     ("quest-long", {"method": "quest", "budget_fraction": 0.0625},
-     ["--kv-bytes", str(6 << 30), "--requests", "40", "--min-len", "16384", "--max-len", "61440", "--max-tokens", "64"]),
+     ["--kv-bytes", str(6 << 30), "--requests", "40", "--min-len", "16384", "--max-len", "130000", "--max-tokens", "64"]),
+    # up to 64 requests decoding in one step (FULL graph of size 64)
+    ("quest-batch64", {"method": "quest", "budget_fraction": 0.0625},
+     ["--kv-bytes", str(8 << 30), "--requests", "160", "--min-len", "1024", "--max-len", "8192", "--max-tokens", "256"]),
 ]
 
 
@@ -146,7 +149,7 @@ def part_agree(report, model_key: str, out_dir: Path):
            "; ".join(lines), time.time() - t0, "\n".join(lines))
 
 
-def part_stress(report, layers: int, min_steps: int, only: set[str] | None):
+def part_stress(report, layers: int, min_steps: int, only: set[str] | None, share_gpu: bool):
     from benchmarks.e2e_decode import write_llama8b
 
     model = str(write_llama8b(Path("/tmp/llama8b-layers"), layers=layers))
@@ -156,7 +159,8 @@ def part_stress(report, layers: int, min_steps: int, only: set[str] | None):
             if (eager and name in ("dense-fa3", "quest-pyramid")) or (only and label not in only):
                 continue
             cmd = [sys.executable, "benchmarks/gpu_stress.py", "--model", model, "--dummy",
-                   "--min-steps", str(min_steps), *extra] + (["--eager"] if eager else [])
+                   "--min-steps", str(min_steps), *extra] + (["--eager"] if eager else []) \
+                + (["--gpu-memory-utilization", "0.3"] if share_gpu else [])
             if cfg is not None:
                 cmd += ["--sparsekv", json.dumps(cfg)]
             rc, out, dt = sh(cmd, timeout=900)
@@ -190,7 +194,12 @@ def main() -> int:
     ap.add_argument("--min-steps", type=int, default=1000)
     ap.add_argument("--agree-models", default="smollm2,qwen-coder-0.5b", help=f"of {sorted(AGREE_MODELS)}")
     ap.add_argument("--stress-only", default="", help="NAME:graphs|eager,... (default: all)")
+    ap.add_argument("--share-gpu", action="store_true",
+                    help="another suite runs on the GPU at the same time: engines take a fixed KV size "
+                         "(no memory profile, which would count the other's memory) and a low startup check")
     a = ap.parse_args()
+    if a.share_gpu:
+        os.environ.setdefault("SPARSEKV_TEST_KV_BYTES", str(8 << 30))
     # before tests.engine.harness is imported: its tolerances are then the CUDA (fp16) ones
     os.environ.setdefault("SPARSEKV_TEST_DEVICE", "cuda")
     import torch
@@ -220,7 +229,7 @@ def main() -> int:
         for model_key in a.agree_models.split(","):
             part_agree(report, model_key, out)
     if "stress" in parts:
-        part_stress(report, a.stress_layers, a.min_steps, set(filter(None, a.stress_only.split(","))))
+        part_stress(report, a.stress_layers, a.min_steps, set(filter(None, a.stress_only.split(","))), a.share_gpu)
     if "sanitizer" in parts:
         part_sanitizer(report, 2)
     lines = [f"device: {dev}", f"vllm {vllm.__version__}, torch {torch.__version__}", f"commit: {a.commit}",

@@ -36,6 +36,8 @@ def main() -> int:
     ap.add_argument("--min-steps", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--prefix-caching", action="store_true")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                    help="only vLLM's startup check of free memory: the KV size is --kv-bytes")
     a = ap.parse_args()
     seed = a.seed if a.seed is not None else int(time.time()) % 100000
     print(f"seed {seed}", flush=True)
@@ -46,7 +48,8 @@ def main() -> int:
 
     kw = dict(model=a.model, dtype="bfloat16", max_model_len=a.max_len + a.max_tokens + 64, seed=seed,
               enforce_eager=a.eager, max_num_seqs=64, max_num_batched_tokens=2048, enable_chunked_prefill=True,
-              enable_prefix_caching=a.prefix_caching, kv_cache_memory_bytes=a.kv_bytes, skip_tokenizer_init=True,
+              enable_prefix_caching=a.prefix_caching, kv_cache_memory_bytes=a.kv_bytes, gpu_memory_utilization=a.gpu_memory_utilization,
+              skip_tokenizer_init=True,
               disable_log_stats=False)
     if a.dummy:
         kw["load_format"] = "dummy"

@@ -240,6 +240,8 @@ def engine_kwargs(spec: dict) -> dict:
         sizes = sorted({s for s in (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256) if s < spec["max_num_seqs"]}
                        | {spec["max_num_seqs"]})
         kw.update(dtype=spec["dtype"], gpu_memory_utilization=spec["gpu_memory_utilization"])
+        if spec.get("kv_cache_memory_bytes"):  # no memory profile: other engines may share the GPU
+            kw["kv_cache_memory_bytes"] = spec["kv_cache_memory_bytes"]
         if spec.get("eager"):  # the fallback where graphs fail (gpu/README: 8B shape, 32K, sparsekv)
             kw["enforce_eager"] = True
         else:
@@ -369,6 +371,7 @@ def cmd_run(a) -> int:
                 "max_model_len": min(max_len, max(contexts)), "max_num_seqs": a.max_num_seqs,
                 "block_size": a.block_size or (16 if cuda else 32), "dtype": a.dtype,
                 "gpu_memory_utilization": a.gpu_memory_utilization,
+                "kv_cache_memory_bytes": a.kv_cache_memory_bytes,
                 "max_num_batched_tokens": a.max_num_batched_tokens,
                 "eager": a.eager,
                 "env": ({"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
@@ -639,6 +642,9 @@ def main(argv=None) -> int:
     p.add_argument("--block-size", type=int, default=None, help="default: 16 on CUDA, 32 on CPU")
     p.add_argument("--dtype", default="bfloat16", help="CUDA dtype (CPU runs float32)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    p.add_argument("--kv-cache-memory-bytes", type=int, default=None,
+                   help="CUDA: a fixed KV size instead of vLLM's memory profile (when other engines share the GPU; "
+                        "then --gpu-memory-utilization is only vLLM's startup check of free memory)")
     p.add_argument("--cpu", action="store_true", help="run on CPU even where CUDA is there")
     p.add_argument("--eager", action="store_true", help="CUDA: no CUDA graphs (a fallback; the Engines table says which ran)")
     p.add_argument("--deadline-s", type=float, default=None,

@@ -42,6 +42,10 @@ def main() -> None:
         kw["block_size"] = spec["block_size"]
     if spec.get("max_num_batched_tokens"):
         kw["max_num_batched_tokens"] = spec["max_num_batched_tokens"]
+    if cuda and os.environ.get("SPARSEKV_TEST_KV_BYTES"):
+        # a fixed KV size instead of a memory profile: engines of other suites may share the GPU
+        # (gpu_e2e.py runs two lanes at once), and a profile would count their memory as ours
+        kw.update(kv_cache_memory_bytes=int(os.environ["SPARSEKV_TEST_KV_BYTES"]), gpu_memory_utilization=0.15)
     if spec.get("num_blocks"):  # a KV cache this small forces preemption
         kw.update(num_gpu_blocks_override=spec["num_blocks"], disable_log_stats=False)
     if spec["backend"] != "stock":
