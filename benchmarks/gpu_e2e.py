@@ -39,7 +39,8 @@ STRESS = [  # (name, sparsekv config or None, extra args)
     ("quest-pyramid", {"method": "quest", "budget_fraction": 0.125, "budget_allocation": "pyramid"}, ["--prefix-caching"]),
     # long prompts decoding far into a KV cache too small for all of them: the scheduler must preempt
     ("quest-preempt", {"method": "quest", "budget_fraction": 0.0625},
-     ["--kv-bytes", str(256 << 20), "--requests", "48", "--min-len", "2048", "--max-len", "6144", "--max-tokens", "768"]),
+     ["--kv-bytes", str(256 << 20), "--requests", "48", "--min-len", "2048", "--max-len", "6144", "--max-tokens", "768",
+      "--abort-prob", "0"]),
     # 16K-127K prompts (the default runs stop at 12K)
     ("quest-long", {"method": "quest", "budget_fraction": 0.0625},
      ["--kv-bytes", str(6 << 30), "--requests", "40", "--min-len", "16384", "--max-len", "130000", "--max-tokens", "64"]),

@@ -36,6 +36,7 @@ def main() -> int:
     ap.add_argument("--min-steps", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--prefix-caching", action="store_true")
+    ap.add_argument("--abort-prob", type=float, default=0.02, help="chance per step of aborting a request")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                     help="only vLLM's startup check of free memory: the KV size is --kv-bytes")
     a = ap.parse_args()
@@ -93,7 +94,7 @@ def main() -> int:
                     preemptions += o.metrics.num_preemptions
         running = [r for r in want if r not in done and r not in aborted]  # added, not finished
         max_in_flight = max(max_in_flight, len(running))
-        if running and rng.random() < 0.02:  # abort one request mid-flight
+        if running and rng.random() < a.abort_prob:  # abort one request mid-flight
             victim = rng.choice(running)
             engine.abort_request([victim])
             aborted.add(victim)
@@ -101,7 +102,7 @@ def main() -> int:
             # keep the engine busy until the step count is reached
             for j in range(8):
                 pending.append((f"x{steps}_{j}", [rng.randrange(10, vocab)
-                                                  for _ in range(rng.randrange(a.min_len, min(4096, a.max_len)))]))
+                                                  for _ in range(rng.randrange(a.min_len, max(a.min_len + 1, min(4096, a.max_len))))]))
     lost = [r for r in want if r not in aborted and done.get(r) != want[r]]
     from vllm.compilation.counter import compilation_counter
 

@@ -290,7 +290,9 @@ def time_peers(c: "Case", dense_out, reps: int, skipped: dict) -> tuple[dict, di
             skipped[name] = str(e)
             print(f"   dense peer {name} skipped: {e}", flush=True)
         except Exception as e:  # noqa: BLE001 - a peer's failure must not sink the benchmark
-            skipped[name] = f"{type(e).__name__}: {e}"[:300]
+            why = f"{type(e).__name__}: {e}"
+            # xformers lists its reasons ("... is not supported because: ...") after the inputs
+            skipped[name] = why if len(why) <= 900 else f"{why[:150]} ... {why[-750:]}"
             print(f"   dense peer {name} failed, skipped from now on: {skipped[name]}", flush=True)
     return ms, info
 

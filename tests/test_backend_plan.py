@@ -54,6 +54,15 @@ def test_host_counts_equal_what_the_selection_selects(cfg, seed_gen):
     assert got[0] < got[1] or selects_all
 
 
+def test_warm_up_and_padding_rows_count_nowhere(seed_gen):
+    """vLLM's warm-up/capture batches decode 1-token dummy contexts and pad with 0-token rows: the
+    counters (and max_decode_rows) see only served rows, in their order."""
+    served = torch.randint(2, 5000, (9,), generator=seed_gen)
+    lens = torch.cat([served[:4], torch.tensor([1, 0, 1]), served[4:], torch.zeros(3, dtype=served.dtype)])
+    assert torch.equal(budgets.served_decode_lens(lens), served)
+    assert budgets.served_decode_lens(torch.tensor([1, 1, 0])).numel() == 0
+
+
 def _cam(query_lens, is_prefilling=None):
     qsl = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()])
     return SimpleNamespace(query_start_loc_cpu=qsl, num_reqs=len(query_lens), num_actual_tokens=int(qsl[-1]),

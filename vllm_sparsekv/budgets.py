@@ -101,6 +101,13 @@ def request_budget_pages(config, seq_lens: torch.Tensor, block_size: int, select
     return out
 
 
+def served_decode_lens(seq_lens: torch.Tensor) -> torch.Tensor:
+    """The lengths of the decode rows that serve a request. vLLM's warm-up and CUDA-graph capture
+    batches decode dummy rows of a 1-token context, and a captured batch pads with 0-token rows;
+    a served decode row holds at least its prompt's first token and the new one."""
+    return seq_lens[seq_lens >= 2]
+
+
 def decode_page_counts(config, seq_lens: torch.Tensor, block_size: int, num_kv_heads: int, num_layers: int,
                        k_max: int, selects_all: bool | None = None, weights: torch.Tensor | None = None,
                        layer_k_max: list[int] | None = None) -> tuple[int, int, int]:

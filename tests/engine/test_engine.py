@@ -54,7 +54,8 @@ def passkey_prompts(tokenizer):
     return [passkey_prompt(tokenizer, 2048, key, depth) for key, depth in (("68413", 0.3), ("90275", 0.7))]
 
 
-PASSKEY = {"max_tokens": 6, "max_model_len": 2304}
+# pages of 32 tokens on CPU and CUDA alike (CUDA's default is vLLM's 16): the budgets above count them
+PASSKEY = {"max_tokens": 6, "max_model_len": 2304, "block_size": 32}
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +83,7 @@ def test_continuous_batching_with_prefix_caching_equals_one_by_one(smollm2_path,
     prompts = [base, base[: len(base) // 2] + " What is the pass key? The pass key is",
                SHORT[0], passkey_prompt(tokenizer, 900, "16180", 0.2), base]
     spec = {"model": smollm2_path, "backend": "sparsekv", "sparsekv": SPARSE, "prompts": prompts,
-            "max_tokens": 12, "prefix_caching": True, "max_num_batched_tokens": 256}
+            "max_tokens": 12, "prefix_caching": True, "max_num_batched_tokens": 256, "block_size": 32}
     # the batched run also sizes everything as on CUDA (static max_pages/k, persistent buffers)
     batched = run_engine({**spec, "mode": "batch", "env": {"SPARSEKV_STATIC_SHAPES": "1"}})
     one_by_one = run_engine({**spec, "mode": "sequential"})

@@ -40,7 +40,7 @@ def test_streaming_budget_above_context_is_dense(smollm2_path, prompts, stock):
 
 def test_streaming_small_budget_reads_sinks_and_window(smollm2_path, prompts):
     got = run_engine({"model": smollm2_path, "backend": "sparsekv", "prompts": prompts, "max_tokens": 8,
-                      "max_model_len": 1280,
+                      "max_model_len": 1280, "block_size": 32,
                       "sparsekv": {"method": "streaming", "token_budget": 256, "sink_tokens": 32, "recent_tokens": 32}})
     s = got["stats"]
     # the ~1000-token prompt holds 32 pages of 32; 8 are read (1 sink + 7 latest), the short one reads all

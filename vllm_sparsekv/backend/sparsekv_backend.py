@@ -316,12 +316,15 @@ class SparseKVMetadataBuilder(AttentionMetadataBuilder[SparseKVMetadata]):
 
     def _count(self, cam: CommonAttentionMetadata, nd: int) -> None:
         """The step's sparsity counters, on the host (`budgets.decode_page_counts`), and the most
-        requests decoding at once (what the passive store raises)."""
-        stats.peak("max_decode_rows", nd)
+        requests decoding at once (what the passive store raises); served rows only."""
         lens = compat.host_seq_lens(cam)
-        if lens is not None:
+        if lens is None:
+            return
+        served = budgets.served_decode_lens(torch.as_tensor(lens[:nd]))
+        stats.peak("max_decode_rows", served.numel())
+        if served.numel():
             stats.add(*budgets.decode_page_counts(
-                self.config, torch.as_tensor(lens[:nd]), self.block_size, self.num_kv_heads,
+                self.config, served, self.block_size, self.num_kv_heads,
                 len(self.sparse_layers), self.k_max, self.selects_all, self._host_weights, self.layer_k_max))
 
     def _fill_all_pages(self, num_pages: torch.Tensor, max_pages: int) -> torch.Tensor:
