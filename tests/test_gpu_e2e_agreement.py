@@ -3,7 +3,8 @@
 import random
 
 def _run(tokens, logprobs, gaps):
-    return {"results": [{"token_ids": t, "logprobs": lp, "top2_gap": g} for t, lp, g in zip(tokens, logprobs, gaps)]}
+    return {"results": [{"token_ids": t, "logprobs": lp, "top2_gap": g, "text": str(t)}
+                        for t, lp, g in zip(tokens, logprobs, gaps)]}
 
 
 def test_agreement_counts_identical_prompts_divergences_and_logprob_drift(load_benchmark):
@@ -26,3 +27,36 @@ def test_agreement_counts_identical_prompts_divergences_and_logprob_drift(load_b
     assert s["identical"] == 2 and s["prompts"] == 3
     assert s["diverged"] == [{"prompt": 1, "token": 4, "dense_top2_gap": round(gaps[1][4], 4)}]
     assert abs(s["max_dlogprob"] - 0.03) < 1e-4 and s["over_tol"] == 1
+
+
+def test_same_as_dense_uses_the_fixed_tolerance_then_the_dense_vs_dense_spread(load_benchmark):
+    from tests.engine.harness import LOGPROB_TOL, NEAR_TIE
+
+    g = load_benchmark("gpu_e2e")
+    seed = random.randrange(1 << 30)
+    print("seed", seed)
+    rng = random.Random(seed)
+    n = 8
+    toks = [[rng.randrange(100) for _ in range(n)] for _ in range(2)]
+    lps = [[-rng.random() for _ in range(n)] for _ in range(2)]
+    gaps = [[NEAR_TIE + rng.random() for _ in range(n)] for _ in range(2)]  # no near-tie anywhere
+    dense = _run(toks, lps, gaps)
+
+    def verdict(drift, calibrated, flip=None, tie=False):
+        got_lps = [list(x) for x in lps]
+        got_lps[1][3] += drift
+        got_toks = [list(t) for t in toks]
+        my_gaps = [list(x) for x in gaps]
+        if flip is not None:
+            got_toks[0][flip] = (toks[0][flip] + 1) % 100
+            if tie:
+                my_gaps[0][flip] = NEAR_TIE / 2
+        got = _run(got_toks, got_lps, gaps)
+        ref = _run(toks, lps, my_gaps)
+        return g.same_as_dense(ref, got, "x", g.agreement(ref, got, LOGPROB_TOL), calibrated)
+
+    assert verdict(LOGPROB_TOL / 2, LOGPROB_TOL).startswith("same as dense (")
+    assert verdict(2 * LOGPROB_TOL, 3 * LOGPROB_TOL).startswith("same as dense within the dense-vs-dense spread")
+    assert verdict(4 * LOGPROB_TOL, 3 * LOGPROB_TOL).startswith("DIFFERS")
+    assert verdict(0.0, LOGPROB_TOL, flip=5).startswith("DIFFERS")  # a flip where dense is sure
+    assert verdict(0.0, LOGPROB_TOL, flip=5, tie=True).startswith("same as dense (")

@@ -48,8 +48,10 @@ def main() -> None:
         kw.update(kv_cache_memory_bytes=int(os.environ["SPARSEKV_TEST_KV_BYTES"]), gpu_memory_utilization=0.15)
     if spec.get("num_blocks"):  # a KV cache this small forces preemption
         kw.update(num_gpu_blocks_override=spec["num_blocks"], disable_log_stats=False)
-    if spec["backend"] != "stock":
-        kw.update(attention_backend=spec["backend"], additional_config={"sparsekv": spec.get("sparsekv", {})})
+    if spec["backend"] != "stock":  # "sparsekv", or another dense backend of vLLM (e.g. TRITON_ATTN)
+        kw["attention_backend"] = spec["backend"]
+        if spec["backend"].lower() == "sparsekv":
+            kw["additional_config"] = {"sparsekv": spec.get("sparsekv", {})}
     llm = LLM(spec["model"], **kw)
     sp = SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 16), logprobs=2)
     prompts = spec["prompts"]
