@@ -13,6 +13,7 @@
   FULL decode graphs and eagerly: 1,000+ engine steps each, mixed prefill+decode, chunked prefill,
   shared prefixes, preemption (a small KV cache), aborts; 0 errors and 0 lost requests required;
 - sanitizer: compute-sanitizer memcheck over a short stress run with graphs.
+With --lanes N the parts run as N processes side by side on the GPU (--share-gpu each), one summary.
 Writes gpu_e2e_<device>.json and .txt (summary, commands, seeds) under --out; exit 1 on a failure.
 """
 
@@ -172,25 +173,34 @@ def part_agree(report, model_key: str, out_dir: Path):
            "; ".join(lines), time.time() - t0, "\n".join(lines))
 
 
-def part_stress(report, layers: int, min_steps: int, only: set[str] | None, share_gpu: bool):
-    from benchmarks.e2e_decode import write_llama8b
-
-    model = str(write_llama8b(Path("/tmp/llama8b-layers"), layers=layers))
+def stress_runs(only: set[str] | None) -> list[tuple[str, dict | None, list[str], bool]]:
+    """(label NAME:graphs|eager, config, extra args, eager) of the stress runs, `only` picking labels."""
+    runs = []
     for name, cfg, extra in STRESS:
         for eager in (False, True):
             label = f"{name}:{'eager' if eager else 'graphs'}"
             if (eager and name in ("dense-fa3", "quest-pyramid")) or (only and label not in only):
                 continue
-            cmd = [sys.executable, "benchmarks/gpu_stress.py", "--model", model, "--dummy",
-                   "--min-steps", str(min_steps), *extra] + (["--eager"] if eager else []) \
-                + (["--gpu-memory-utilization", "0.3"] if share_gpu else [])
-            if cfg is not None:
-                cmd += ["--sparsekv", json.dumps(cfg)]
-            rc, out, dt = sh(cmd, timeout=900)
-            res = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
-            summary = res[-1][7:] if res else out[-1500:]
-            report(f"stress {name} {'eager' if eager else 'FULL graphs'}", rc == 0, summary[:600], dt,
-                   out[-3000:] if rc else summary)
+            runs.append((label, cfg, extra, eager))
+    return runs
+
+
+def part_stress(report, layers: int, min_steps: int, only: set[str] | None, share_gpu: bool):
+    from benchmarks.e2e_decode import write_llama8b
+
+    model = str(write_llama8b(Path("/tmp/llama8b-layers"), layers=layers))
+    for label, cfg, extra, eager in stress_runs(only):
+        cmd = [sys.executable, "benchmarks/gpu_stress.py", "--model", model, "--dummy",
+               "--min-steps", str(min_steps), *extra] + (["--eager"] if eager else []) \
+            + (["--gpu-memory-utilization", "0.3"] if share_gpu else [])
+        if cfg is not None:
+            cmd += ["--sparsekv", json.dumps(cfg)]
+        rc, out, dt = sh(cmd, timeout=900)
+        res = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
+        summary = res[-1][7:] if res else out[-1500:]
+        name = label.split(":")[0]
+        report(f"stress {name} {'eager' if eager else 'FULL graphs'}", rc == 0, summary[:600], dt,
+               out[-3000:] if rc else summary)
 
 
 def part_sanitizer(report, layers: int):
@@ -208,6 +218,89 @@ def part_sanitizer(report, layers: int):
            f"rc={rc}, error summary: {errs[-1] if errs else 'none printed'}", dt, out[-4000:])
 
 
+# rough seconds of each unit of work on an H100 (this suite's runs there), for splitting into lanes
+UNIT_SECONDS = {"kernels": 150, "engine": 420, "agree": 300, "stress": 90, "sanitizer": 90}
+
+
+def plan_lanes(parts: list[str], lanes: int, agree_models: list[str], stress_labels: list[str]) -> list[list[tuple]]:
+    """Units of work ("kernels",), ("engine",), ("agree", model), ("stress", label), ("sanitizer",)
+    shared over `lanes` lanes, longest first onto the least-loaded lane; lanes left empty dropped."""
+    units = []
+    for part in parts:
+        if part == "agree":
+            units += [("agree", m) for m in agree_models]
+        elif part == "stress":
+            units += [("stress", label) for label in stress_labels]
+        else:
+            units.append((part,))
+    load, plan = [0] * lanes, [[] for _ in range(lanes)]
+    for u in sorted(units, key=lambda u: -UNIT_SECONDS[u[0]]):
+        i = load.index(min(load))
+        plan[i].append(u)
+        load[i] += UNIT_SECONDS[u[0]]
+    return [lane for lane in plan if lane]
+
+
+def lane_args(lane: list[tuple]) -> list[str]:
+    """The command-line arguments that run one lane's units (with --share-gpu)."""
+    parts = list(dict.fromkeys(u[0] for u in lane))
+    args = ["--parts", ",".join(parts), "--share-gpu"]
+    if "agree" in parts:
+        args += ["--agree-models", ",".join(u[1] for u in lane if u[0] == "agree")]
+    if "stress" in parts:
+        args += ["--stress-only", ",".join(u[1] for u in lane if u[0] == "stress")]
+    return args
+
+
+def run_lanes(a, passthrough: list[str]) -> int:
+    """Run the suite as several processes side by side on the one GPU (--share-gpu each), then one
+    summary of all of them; each lane's files are moved up into --out."""
+    parts = a.parts.split(",")
+    labels = [r[0] for r in stress_runs(set(filter(None, a.stress_only.split(","))))]
+    plan = plan_lanes(parts, a.lanes, a.agree_models.split(","), labels)
+    out = Path(a.out)
+    procs = []
+    for i, lane in enumerate(plan):
+        d = out / f"lane{i}"
+        d.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, __file__, *passthrough, *lane_args(lane), "--out", str(d)]
+        print(f"lane {i}: {' '.join(cmd[2:])}", flush=True)
+        procs.append((d, subprocess.Popen(cmd, cwd=ROOT, stdout=open(d / "lane.log", "w"), stderr=subprocess.STDOUT)))
+    rcs = [p.wait() for _, p in procs]
+    docs = []
+    for d, _ in procs:
+        for f in sorted(d.glob("gpu_e2e_*.json")):
+            docs.append(json.loads(f.read_text()))
+        for f in d.iterdir():
+            if not f.name.startswith("gpu_e2e_") and f.name != "lane.log":
+                f.replace(out / f.name)
+    if not docs:
+        print("no lane wrote a result", flush=True)
+        return 1
+    doc = merge_lane_docs(docs, " ".join(["gpu_e2e.py", *sys.argv[1:]]))
+    tag = re.sub(r"[^A-Za-z0-9]+", "_", doc["device"]).strip("_")
+    (out / f"gpu_e2e_{tag}.json").write_text(json.dumps(doc, indent=1))
+    (out / f"gpu_e2e_{tag}.txt").write_text(summary_text(doc))
+    print(summary_text(doc))
+    return 0 if all(rc == 0 for rc in rcs) and all(r["ok"] for r in doc["results"]) else 1
+
+
+def merge_lane_docs(docs: list[dict], command: str) -> dict:
+    """One result document from the lanes' documents (same device and versions), results in lane order."""
+    first = docs[0]
+    return {"command": command, "device": first["device"], "vllm": first["vllm"], "torch": first["torch"],
+            "commit": first["commit"], "lanes": [d["command"] for d in docs],
+            "results": [r for d in docs for r in d["results"]]}
+
+
+def summary_text(doc: dict) -> str:
+    lines = [f"device: {doc['device']}", f"vllm {doc['vllm']}, torch {doc['torch']}", f"commit: {doc['commit']}",
+             f"command: python benchmarks/{doc['command']}"]
+    lines += [f"  lane: {c}" for c in doc.get("lanes", [])] + [""]
+    lines += [f"[{'PASS' if r['ok'] else 'FAIL'}] {r['part']} ({r['seconds']} s): {r['summary']}" for r in doc["results"]]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--parts", default="kernels,engine,agree,stress,sanitizer")
@@ -220,7 +313,13 @@ def main() -> int:
     ap.add_argument("--share-gpu", action="store_true",
                     help="another suite runs on the GPU at the same time: engines take a fixed KV size "
                          "(no memory profile, which would count the other's memory) and a low startup check")
+    ap.add_argument("--lanes", type=int, default=1,
+                    help="run the parts as this many processes side by side on the GPU (each with --share-gpu; "
+                         "correctness only, never timings) and write one summary")
     a = ap.parse_args()
+    if a.lanes > 1:
+        keep = ["--commit", a.commit, "--stress-layers", str(a.stress_layers), "--min-steps", str(a.min_steps)]
+        return run_lanes(a, keep)
     if a.share_gpu:
         os.environ.setdefault("SPARSEKV_TEST_KV_BYTES", str(8 << 30))
     # before tests.engine.harness is imported: its tolerances are then the CUDA (fp16) ones
@@ -255,11 +354,9 @@ def main() -> int:
         part_stress(report, a.stress_layers, a.min_steps, set(filter(None, a.stress_only.split(","))), a.share_gpu)
     if "sanitizer" in parts:
         part_sanitizer(report, 2)
-    lines = [f"device: {dev}", f"vllm {vllm.__version__}, torch {torch.__version__}", f"commit: {a.commit}",
-             f"command: python benchmarks/{doc['command']}", ""]
-    lines += [f"[{'PASS' if r['ok'] else 'FAIL'}] {r['part']} ({r['seconds']} s): {r['summary']}" for r in results]
-    (out / f"gpu_e2e_{tag}.txt").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    text = summary_text(doc)
+    (out / f"gpu_e2e_{tag}.txt").write_text(text)
+    print(text)
     return 0 if all(r["ok"] for r in results) else 1
 
 
