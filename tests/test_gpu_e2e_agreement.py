@@ -2,20 +2,26 @@
 
 import random
 
+
 def _run(tokens, logprobs, gaps):
     return {"results": [{"token_ids": t, "logprobs": lp, "top2_gap": g, "text": str(t)}
                         for t, lp, g in zip(tokens, logprobs, gaps)]}
 
 
-def test_agreement_counts_identical_prompts_divergences_and_logprob_drift(load_benchmark):
-    g = load_benchmark("gpu_e2e")
+def _random_outputs(prompts: int, n: int, gap_floor: float = 0.0):
+    """Fresh seeded greedy outputs: token ids, logprobs and dense top-2 gaps (>= gap_floor)."""
     seed = random.randrange(1 << 30)
     print("seed", seed)
     rng = random.Random(seed)
-    n = 6
-    toks = [[rng.randrange(100) for _ in range(n)] for _ in range(3)]
-    lps = [[-rng.random() for _ in range(n)] for _ in range(3)]
-    gaps = [[rng.random() for _ in range(n)] for _ in range(3)]
+    toks = [[rng.randrange(100) for _ in range(n)] for _ in range(prompts)]
+    lps = [[-rng.random() for _ in range(n)] for _ in range(prompts)]
+    gaps = [[gap_floor + rng.random() for _ in range(n)] for _ in range(prompts)]
+    return toks, lps, gaps
+
+
+def test_agreement_counts_identical_prompts_divergences_and_logprob_drift(load_benchmark):
+    g = load_benchmark("gpu_e2e")
+    toks, lps, gaps = _random_outputs(3, 6)
     dense = _run(toks, lps, gaps)
     got_toks = [list(toks[0]), list(toks[1]), list(toks[2])]
     got_toks[1][4] = (toks[1][4] + 1) % 100  # prompt 1 differs at token 4
@@ -33,13 +39,7 @@ def test_same_as_dense_uses_the_fixed_tolerance_then_the_dense_vs_dense_spread(l
     from tests.engine.harness import LOGPROB_TOL, NEAR_TIE
 
     g = load_benchmark("gpu_e2e")
-    seed = random.randrange(1 << 30)
-    print("seed", seed)
-    rng = random.Random(seed)
-    n = 8
-    toks = [[rng.randrange(100) for _ in range(n)] for _ in range(2)]
-    lps = [[-rng.random() for _ in range(n)] for _ in range(2)]
-    gaps = [[NEAR_TIE + rng.random() for _ in range(n)] for _ in range(2)]  # no near-tie anywhere
+    toks, lps, gaps = _random_outputs(2, 8, gap_floor=NEAR_TIE)  # no near-tie anywhere
     dense = _run(toks, lps, gaps)
 
     def verdict(drift, calibrated, flip=None, tie=False):
