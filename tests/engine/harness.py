@@ -9,6 +9,14 @@ import tempfile
 RUNNER = os.path.join(os.path.dirname(__file__), "runner.py")
 
 
+def set_cpu_engine_env() -> None:
+    """The in-process CPU engine scripts' environment, set before vLLM is imported (defaults only):
+    the engine core in this process, 2 OpenMP threads bound to cores 0-1, 1 GiB of KV space."""
+    for key, value in (("VLLM_ENABLE_V1_MULTIPROCESSING", "0"), ("OMP_NUM_THREADS", "2"),
+                       ("VLLM_CPU_OMP_THREADS_BIND", "0-1"), ("VLLM_CPU_KVCACHE_SPACE", "1")):
+        os.environ.setdefault(key, value)
+
+
 def read_spec(arg: str) -> dict:
     """The engine scripts' SPEC_JSON argument: JSON text, or @path to a file holding it (long
     prompts overflow argv)."""

@@ -12,13 +12,10 @@ import json
 import os
 import sys
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("OMP_NUM_THREADS", "2")
-os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # run as a file: the repo root
-from tests.engine.harness import read_spec  # noqa: E402
+from tests.engine.harness import read_spec, set_cpu_engine_env  # noqa: E402
+
+set_cpu_engine_env()  # before vLLM is imported
 
 
 def main() -> None:
