@@ -54,7 +54,11 @@ CONFIGS = {
     "quest16_p32": ("sparsekv", 32, {"method": "quest", "budget_fraction": 0.0625}),
     "quest2048_p32": ("sparsekv", 32, {"method": "quest", "token_budget": 2048}),
     "hash2_p32": ("sparsekv", 32, {"method": "hash", "budget_fraction": 0.02}),
+    # A/B of the selection's four-way search (kernels/page_select.py SELECT_WAYS)
+    "quest16_w4": ("sparsekv", 16, {"method": "quest", "budget_fraction": 0.0625}),
+    "quest16_p32_w4": ("sparsekv", 32, {"method": "quest", "budget_fraction": 0.0625}),
 }
+CONFIG_ENV = {"quest16_w4": {"SPARSEKV_SELECT_WAYS": "4"}, "quest16_p32_w4": {"SPARSEKV_SELECT_WAYS": "4"}}
 
 LLAMA3_8B = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
@@ -311,7 +315,8 @@ def main() -> int:
         cmd += (["--dummy"] if a.llama8b_dummy else []) + (["--trace-dir", f"{a.trace_dir}/{name}"] if a.trace_dir else [])
         t0 = time.time()
         try:
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout,
+                               env={**os.environ, **CONFIG_ENV.get(name, {})})
             out, rc, err = r.stdout, r.returncode, r.stderr
         except subprocess.TimeoutExpired as e:
             out, rc, err = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), -9, "timeout"
@@ -370,6 +375,7 @@ def build_rows(raw: list[dict]) -> list[dict]:
         backend, block, sparse = CONFIGS[r["config"]]
         budget = None if sparse is None else sparse.get("token_budget", sparse.get("budget_fraction", 1.0))
         rows.append({
+            "config": r["config"], "env": CONFIG_ENV.get(r["config"]),
             "backend": backend, "method": None if sparse is None else sparse["method"], "page_size": block,
             "budget": budget, "batch": r["batch"], "context": r["context"], "cuda_graphs": "FULL decode",
             "decode_tok_s": round(r["decode_tok_s"], 1), "ttft_s": round(r["ttft_s"], 3),
@@ -380,11 +386,11 @@ def build_rows(raw: list[dict]) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'backend':12} {'method':6} {'page':>4} {'budget':>7} {'B':>3} {'ctx':>7} {'tok/s':>8} {'step ms':>8} "
+    print(f"{'config':15} {'backend':12} {'method':6} {'page':>4} {'budget':>7} {'B':>3} {'ctx':>7} {'tok/s':>8} {'step ms':>8} "
           f"{'xFA3':>6} {'xTriton':>7} {'TTFT s':>7} {'TTFT/FA3':>8}")
     for r in sorted(rows, key=lambda r: (r["context"], r["batch"], r["backend"], str(r["method"]), str(r["budget"]))):
-        print(f"{r['backend']:12} {str(r['method'] or '-'):6} {r['page_size']:>4} {str(r['budget'] or '-'):>7} "
-              f"{r['batch']:>3} {r['context']:>7} {r['decode_tok_s']:>8.1f} {r['step_ms']:>8.2f} "
+        print(f"{str(r.get('config', '-')):15} {r['backend']:12} {str(r['method'] or '-'):6} {r['page_size']:>4} "
+              f"{str(r['budget'] or '-'):>7} {r['batch']:>3} {r['context']:>7} {r['decode_tok_s']:>8.1f} {r['step_ms']:>8.2f} "
               f"{r['speedup_vs_fa3'] or 0:>6.2f} {r['speedup_vs_triton'] or 0:>7.2f} {r['ttft_s']:>7.2f} "
               f"{r['ttft_vs_fa3'] or 0:>8.3f}")
     split_rows = [r for r in rows if isinstance(r.get("step_split"), dict) and "gpu_ms" in r["step_split"]]
@@ -428,7 +434,7 @@ def plot(rows: list[dict], path: Path) -> None:
         series = {}
         for r in rows:
             if r["batch"] == b and r["speedup_vs_fa3"] is not None:
-                key = f"{r['backend']} {r['method'] or ''} p{r['page_size']} {r['budget'] or ''}".strip()
+                key = r.get('config') or f"{r['backend']} {r['method'] or ''} p{r['page_size']} {r['budget'] or ''}".strip()
                 series.setdefault(key, []).append((r["context"], r["speedup_vs_fa3"]))
         for key, pts in sorted(series.items()):
             pts.sort()

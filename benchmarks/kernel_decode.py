@@ -457,6 +457,15 @@ def sweep(args):
         ms = bench(lambda: K.select_pages(sc, c.sl, 16, budget, SINK, RECENT, 512), 15)
         print(f"sweep select P=8192 k=512 warps={nw}: {ms:.4f} ms", flush=True)
     SEL.SELECT_WARPS = 8
+    # the search's fan-out, at B=8 and at the e2e B=1 point (one 32K request in a 128K engine)
+    sl1 = torch.full((1,), 32768, dtype=c.sl.dtype, device="cuda")
+    b1 = torch.full((1, HKV), 128, dtype=torch.int32, device="cuda")
+    for ways in (2, 4):
+        SEL.SELECT_WAYS = ways
+        ms = bench(lambda: K.select_pages(sc, c.sl, 16, budget, SINK, RECENT, 512), 15)
+        ms1 = bench(lambda: K.select_pages(sc[:1], sl1, 16, b1, SINK, RECENT, 512), 15)
+        print(f"sweep select p16 k_max=512 ways={ways}: B=8 128K {ms:.4f} ms, B=1 32K {ms1:.4f} ms", flush=True)
+    SEL.SELECT_WAYS = 2
     idx, _ = K.select_pages(sc, c.sl, 16, budget, SINK, RECENT, 512)
     for tile in (64, 128):
         for spm in (2, 4, 8, 16):

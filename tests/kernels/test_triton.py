@@ -203,12 +203,15 @@ SELECT_CASES = [(42, False), (42, True), (200, True), (120, "close")] + ([(8192,
 @here
 @pytest.mark.parametrize("P,ties", SELECT_CASES)
 @pytest.mark.parametrize("chunked", [False, True])
-def test_select(P, ties, chunked):
+@pytest.mark.parametrize("ways", [2, 4])
+def test_select(P, ties, chunked, ways):
     if chunked and not CUDA and (P > 64 or not ties):
         pytest.skip("interpreter: the chunked path is covered at P=42 with ties")
+    if ways == 4 and not CUDA and P == 200:
+        pytest.skip("interpreter: the four-way search is covered at P=42 and P=120 (close keys)")
     # chunked: rows longer than register_pages re-read chunks; rows up to short_row_pages rank a smaller block
     register_pages, short_rows = ((16, 8) if not CUDA else (2048, 512)) if chunked else (None, None)
-    g = gen("sel", P, ties, chunked)
+    g = gen("sel", P, ties, chunked, ways)
     bs = 16
     N, Hkv = 6, 3
     lens = [1, bs * 3, bs * (P // 5) + 1, bs * P - 3, bs * P, bs * (P // 2)]
@@ -233,7 +236,7 @@ def test_select(P, ties, chunked):
         ri, rn = page_select.select_pages_ref(sc, sl, bs, budget, sink, recent, k_max)
         with poisoned():
             oi, on = page_select.select_pages_triton(sc, sl, bs, budget, sink, recent, k_max, register_pages,
-                                                     short_rows)
+                                                     short_rows, ways)
         assert torch.equal(on.cpu(), rn.cpu()), (sink, recent, k_max)
         assert torch.equal(oi.cpu(), ri.cpu()), (sink, recent, k_max)
 

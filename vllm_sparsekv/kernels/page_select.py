@@ -3,6 +3,8 @@ a fixed k_max (static shape, padded with -1), output in ascending page order."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ._common import HAS_TRITON, next_pow2
@@ -68,25 +70,50 @@ if HAS_TRITON:
         return key
 
     @triton.jit
-    def _select_row(s_row, s_sp, out_row, s_ik, P, npages, k, sink, recent, BLOCK: tl.constexpr):
+    def _count3(key, m1, m2, m3):
+        """count(key >= m1), (>= m2), (>= m3) in one reduction: three 21-bit fields of an int64."""
+        v = (key >= m1).to(tl.int64) + ((key >= m2).to(tl.int64) << 21) + ((key >= m3).to(tl.int64) << 42)
+        return tl.sum(v, axis=0)
+
+    @triton.jit
+    def _select_row(s_row, s_sp, out_row, s_ik, P, npages, k, sink, recent, BLOCK: tl.constexpr,
+                    WAYS: tl.constexpr):
         """One (request, KV head): the row's first BLOCK keys stay in registers; pages past BLOCK are
         re-read per pass in BLOCK chunks, only as many as the row holds."""
         nchunks = tl.cdiv(npages, BLOCK)
         offs = tl.arange(0, BLOCK)
         key0 = _keys(s_row, s_sp, offs, P, npages, sink, recent)
-        # bisection on the key space for T = the k-th largest key: count(key >= T) >= k > count(key > T)
+        # search of the key space for T = the k-th largest key: count(key >= T) >= k > count(key > T);
+        # [lo, hi] holds T and count(key >= lo) >= k throughout
         lo = tl.zeros([], dtype=tl.int64) - 2147483648
         hi = tl.zeros([], dtype=tl.int64) + 2147483647
-        for _ in range(32):
-            mid = (lo + hi + 1) >> 1
-            m32 = mid.to(tl.int32)
-            cnt = tl.sum((key0 >= m32).to(tl.int32), axis=0)
-            for c in range(1, nchunks):
-                kc = _keys(s_row, s_sp, c * BLOCK + offs, P, npages, sink, recent)
-                cnt += tl.sum((kc >= m32).to(tl.int32), axis=0)
-            take = cnt >= k
-            lo = tl.where(take, mid, lo)
-            hi = tl.where(take, hi, mid - 1)
+        if WAYS == 4:  # 16 passes: three pivots cut [lo, hi] (a power-of-4 width) into equal quarters
+            for _ in range(16):
+                q = (hi - lo + 1) >> 2
+                m1 = (lo + q).to(tl.int32)
+                m2 = (lo + 2 * q).to(tl.int32)
+                m3 = (lo + 3 * q).to(tl.int32)
+                packed = _count3(key0, m1, m2, m3)
+                for c in range(1, nchunks):
+                    kc = _keys(s_row, s_sp, c * BLOCK + offs, P, npages, sink, recent)
+                    packed += _count3(kc, m1, m2, m3)
+                c1 = packed & 0x1FFFFF
+                c2 = (packed >> 21) & 0x1FFFFF
+                c3 = packed >> 42
+                new_lo = tl.where(c3 >= k, lo + 3 * q, tl.where(c2 >= k, lo + 2 * q, tl.where(c1 >= k, lo + q, lo)))
+                hi = new_lo + q - 1
+                lo = new_lo
+        else:  # 32 passes of bisection
+            for _ in range(32):
+                mid = (lo + hi + 1) >> 1
+                m32 = mid.to(tl.int32)
+                cnt = tl.sum((key0 >= m32).to(tl.int32), axis=0)
+                for c in range(1, nchunks):
+                    kc = _keys(s_row, s_sp, c * BLOCK + offs, P, npages, sink, recent)
+                    cnt += tl.sum((kc >= m32).to(tl.int32), axis=0)
+                take = cnt >= k
+                lo = tl.where(take, mid, lo)
+                hi = tl.where(take, hi, mid - 1)
         thr = lo.to(tl.int32)
         need = k - tl.sum((key0 > thr).to(tl.int32), axis=0)
         for c in range(1, nchunks):
@@ -114,7 +141,7 @@ if HAS_TRITON:
         s_bn, s_bh,
         s_in, s_ih, s_ik,
         P, K_MAX, sink, recent,
-        BS: tl.constexpr, BLOCK: tl.constexpr, SHORT: tl.constexpr, KBLOCK: tl.constexpr,
+        BS: tl.constexpr, BLOCK: tl.constexpr, SHORT: tl.constexpr, KBLOCK: tl.constexpr, WAYS: tl.constexpr,
     ):
         """Program (h, n). Rows of at most SHORT pages rank a SHORT-key register block, longer rows a
         BLOCK one (a short request in a long-max_model_len engine costs what its own pages cost)."""
@@ -129,11 +156,11 @@ if HAS_TRITON:
         out_row = idx_ptr + n * s_in + h * s_ih
         if SHORT < BLOCK:
             if npages <= SHORT:
-                _select_row(s_row, s_sp, out_row, s_ik, P, npages, k, sink, recent, SHORT)
+                _select_row(s_row, s_sp, out_row, s_ik, P, npages, k, sink, recent, SHORT, WAYS)
             else:
-                _select_row(s_row, s_sp, out_row, s_ik, P, npages, k, sink, recent, BLOCK)
+                _select_row(s_row, s_sp, out_row, s_ik, P, npages, k, sink, recent, BLOCK, WAYS)
         else:
-            _select_row(s_row, s_sp, out_row, s_ik, P, npages, k, sink, recent, BLOCK)
+            _select_row(s_row, s_sp, out_row, s_ik, P, npages, k, sink, recent, BLOCK, WAYS)
         for k0 in range(0, K_MAX, KBLOCK):
             kk = k0 + tl.arange(0, KBLOCK)
             tl.store(out_row + kk * s_ik, tl.full([KBLOCK], -1, tl.int32), mask=(kk >= k) & (kk < K_MAX))
@@ -143,13 +170,20 @@ if HAS_TRITON:
 MAX_REGISTER_PAGES = 8192  # pages a program keeps in registers (128K tokens at page 16); a longer row re-reads the rest per pass
 SHORT_ROW_PAGES = 2048  # rows up to this many pages rank a smaller block (H200: 10 us per call vs 19 us with 8192)
 SELECT_WARPS = 8
+# passes of the threshold search: 2 = 32 bisection passes, 4 = 16 four-way passes with three counts
+# packed in one reduction (fewer barriers; not yet timed end to end, so not the default)
+SELECT_WAYS = int(os.environ.get("SPARSEKV_SELECT_WAYS", "2"))  # the env var: end-to-end A/B runs
 
 
 def select_pages_triton(scores, seq_lens, block_size, budget_pages, sink_pages, recent_pages, k_max,
-                        register_pages: int | None = None, short_row_pages: int | None = None):
-    """`register_pages` and `short_row_pages` (tuning/tests): the in-register blocks of long and short
-    rows, MAX_REGISTER_PAGES and SHORT_ROW_PAGES by default."""
+                        register_pages: int | None = None, short_row_pages: int | None = None,
+                        ways: int | None = None):
+    """`register_pages`, `short_row_pages` and `ways` (tuning/tests): the in-register blocks of long and
+    short rows and the search's fan-out, MAX_REGISTER_PAGES, SHORT_ROW_PAGES and SELECT_WAYS by default."""
     N, Hkv, P = scores.shape
+    ways = ways or SELECT_WAYS
+    if ways not in (2, 4) or (ways == 4 and P >= 1 << 21):
+        raise ValueError(f"select ways={ways} with {P} pages: 2, or 4 below 2**21 pages (21-bit counts)")
     page_idx = torch.empty(N, Hkv, k_max, dtype=torch.int32, device=scores.device)
     num = torch.empty(N, Hkv, dtype=torch.int32, device=scores.device)
     if N == 0 or Hkv == 0:
@@ -160,7 +194,7 @@ def select_pages_triton(scores, seq_lens, block_size, budget_pages, sink_pages, 
         scores, seq_lens, budget_pages, page_idx, num,
         *scores.stride(), *budget_pages.stride(), *page_idx.stride(),
         P, k_max, sink_pages, recent_pages,
-        BS=block_size, BLOCK=BLOCK, SHORT=SHORT, KBLOCK=min(1024, next_pow2(max(k_max, 16))),
+        BS=block_size, BLOCK=BLOCK, SHORT=SHORT, KBLOCK=min(1024, next_pow2(max(k_max, 16))), WAYS=ways,
         num_warps=SELECT_WARPS if BLOCK >= 4096 else 4,
     )
     return page_idx, num
