@@ -134,3 +134,60 @@ def test_h2o_keeps_half_its_budget_for_the_most_recent_pages(kw):
 def test_h2o_recent_ratio_zero_is_heavy_hitters_plus_recent_tokens_only():
     pages, B, P = _h2o_selection(0.0, budget_tokens=128)
     assert pages == list(range(B - 1)) + [P - 1], pages  # one recent page (16 tokens); the question is lost
+
+
+@pytest.mark.parametrize("keep_share", [0.0, 0.5, 1.0])
+def test_snapquest_keeps_snapkv_top_share_and_ranks_the_rest_by_quest(keep_share):
+    """The hybrid through the shared top-k: the selection = sink/recent pages, SnapKV's best
+    floor(keep_share * (budget - forced)) other pages, then Quest's best for what is left (each
+    checked against the two methods' own scores, every request and KV head)."""
+    import random
+
+    from vllm_sparsekv import kernels
+    from vllm_sparsekv.budgets import request_budget_pages
+
+    seed = random.randrange(1 << 30)
+    print("seed", seed)
+    gen = torch.Generator().manual_seed(seed)
+    bs, D = 16, 64
+    cfg = dict(budget_fraction=0.25, sink_tokens=16, recent_tokens=16)
+    hyb = make("snapquest", bs=bs, snapquest={"keep_share": keep_share, "observation_window": 8, "pooling_kernel": 1},
+               **cfg)
+    quest = make("quest", bs=bs, **cfg)
+    snap = make("snapkv", bs=bs, snapkv={"observation_window": 8, "pooling_kernel": 1}, **cfg)
+    lens = [200, 150]
+    cache = torch.randn(16, bs, 2, D, generator=gen)
+    perm = torch.randperm(15, generator=gen) + 1
+    # the two requests' blocks: the second shares eight of the first's (scored by its prefill), and
+    # two of its own were never scored (SnapKV keeps such pages: +inf)
+    rows = [perm[:13], torch.cat([perm[13:15], perm[:8]])]
+    for sel in (hyb, quest, snap):
+        for L, row in zip(lens, rows):
+            slots = (row[:, None] * bs + torch.arange(bs)).reshape(-1)[:L]
+            sel.on_kv_write(None, cache, slots)
+    q_pre = torch.randn(8, 6, D, generator=gen)
+    for sel in (hyb, snap):
+        sel.observe_prefill(q_pre, cache, rows[0], lens[0], 0.125)
+    seq = torch.tensor(lens)
+    P = 13
+    bt = torch.zeros(2, P, dtype=torch.long)
+    bt[0, :13], bt[1, :10] = rows[0], rows[1]
+    q = torch.randn(2, 6, D, generator=gen)
+    got = hyb.score_pages(q, cache, bt, seq, P)
+    want_q = quest.score_pages(q, cache, bt, seq, P)
+    want_s = snap.score_pages(q, cache, bt, seq, P)
+    config = SparseKVConfig(method="snapquest", **cfg)
+    budget = request_budget_pages(config, seq, bs)
+    idx, num = kernels.select_pages_ref(got, seq, bs, budget[:, None].expand(2, 2).contiguous(),
+                                        config.sink_pages(bs), config.recent_pages(bs), P)
+    for n in range(2):
+        npg = -(-lens[n] // bs)
+        forced = {0, npg - 1}
+        others = [p for p in range(npg) if p not in forced]
+        m = int(keep_share * (int(budget[n]) - len(forced)))
+        for h in range(2):
+            chosen = set(idx[n, h, : num[n, h]].tolist())
+            by_snap = sorted(others, key=lambda p: (-float(want_s[n, h, p]), p))[:m]
+            rest = [p for p in others if p not in by_snap]
+            by_quest = sorted(rest, key=lambda p: (-float(want_q[n, h, p]), p))[: int(budget[n]) - len(forced) - m]
+            assert chosen == forced | set(by_snap) | set(by_quest), (n, h, keep_share)
