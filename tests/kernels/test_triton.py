@@ -209,8 +209,9 @@ def test_select(P, ties, chunked, ways):
         pytest.skip("interpreter: the chunked path is covered at P=42 with ties")
     if ways == 4 and not CUDA and P == 200:
         pytest.skip("interpreter: the four-way search is covered at P=42 and P=120 (close keys)")
-    # chunked: rows longer than register_pages re-read chunks; rows up to short_row_pages rank a smaller block
-    register_pages, short_rows = ((16, 8) if not CUDA else (2048, 512)) if chunked else (None, None)
+    # chunked: rows longer than register_pages re-read chunks; rows up to short_row_pages (twice as
+    # many) rank a smaller block. Interpreter: pages 1, 3 (short), 9 (mid), 21 (register), 42 (chunked)
+    register_pages, short_rows = ((32, 8) if not CUDA else (2048, 512)) if chunked else (None, None)
     g = gen("sel", P, ties, chunked, ways)
     bs = 16
     N, Hkv = 6, 3

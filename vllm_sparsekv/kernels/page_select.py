@@ -141,10 +141,13 @@ if HAS_TRITON:
         s_bn, s_bh,
         s_in, s_ih, s_ik,
         P, K_MAX, sink, recent,
-        BS: tl.constexpr, BLOCK: tl.constexpr, SHORT: tl.constexpr, KBLOCK: tl.constexpr, WAYS: tl.constexpr,
+        BS: tl.constexpr, BLOCK: tl.constexpr, SHORT: tl.constexpr, MID: tl.constexpr, KBLOCK: tl.constexpr,
+        WAYS: tl.constexpr,
     ):
-        """Program (h, n). Rows of at most SHORT pages rank a SHORT-key register block, longer rows a
-        BLOCK one (a short request in a long-max_model_len engine costs what its own pages cost)."""
+        """Program (h, n). Rows of at most SHORT pages rank a SHORT-key register block, rows of at
+        most MID (2 x SHORT) pages a MID one, longer rows a BLOCK one (a request in a long-
+        max_model_len engine costs what its own pages cost: a 32K prompt plus the tokens generated
+        is 2,049+ pages of 16, which would otherwise rank 8,192 keys)."""
         h = tl.program_id(0)
         n = tl.program_id(1)
         seq = tl.load(sl_ptr + n)
@@ -158,7 +161,13 @@ if HAS_TRITON:
             if npages <= SHORT:
                 _select_row(s_row, s_sp, out_row, s_ik, P, npages, k, sink, recent, SHORT, WAYS)
             else:
-                _select_row(s_row, s_sp, out_row, s_ik, P, npages, k, sink, recent, BLOCK, WAYS)
+                if MID < BLOCK:
+                    if npages <= MID:
+                        _select_row(s_row, s_sp, out_row, s_ik, P, npages, k, sink, recent, MID, WAYS)
+                    else:
+                        _select_row(s_row, s_sp, out_row, s_ik, P, npages, k, sink, recent, BLOCK, WAYS)
+                else:
+                    _select_row(s_row, s_sp, out_row, s_ik, P, npages, k, sink, recent, BLOCK, WAYS)
         else:
             _select_row(s_row, s_sp, out_row, s_ik, P, npages, k, sink, recent, BLOCK, WAYS)
         for k0 in range(0, K_MAX, KBLOCK):
@@ -168,7 +177,8 @@ if HAS_TRITON:
 
 
 MAX_REGISTER_PAGES = 8192  # pages a program keeps in registers (128K tokens at page 16); a longer row re-reads the rest per pass
-SHORT_ROW_PAGES = 2048  # rows up to this many pages rank a smaller block (H200: 10 us per call vs 19 us with 8192)
+SHORT_ROW_PAGES = 2048  # rows up to this many pages rank a smaller block (H200: 10 us per call vs 19 us with 8192),
+# rows up to twice as many a block of that size
 SELECT_WARPS = 8
 # passes of the threshold search: 2 = 32 bisection passes, 4 = 16 four-way passes with three counts
 # packed in one reduction (fewer barriers; not yet timed end to end, so not the default)
@@ -194,7 +204,7 @@ def select_pages_triton(scores, seq_lens, block_size, budget_pages, sink_pages, 
         scores, seq_lens, budget_pages, page_idx, num,
         *scores.stride(), *budget_pages.stride(), *page_idx.stride(),
         P, k_max, sink_pages, recent_pages,
-        BS=block_size, BLOCK=BLOCK, SHORT=SHORT, KBLOCK=min(1024, next_pow2(max(k_max, 16))), WAYS=ways,
+        BS=block_size, BLOCK=BLOCK, SHORT=SHORT, MID=min(BLOCK, 2 * SHORT), KBLOCK=min(1024, next_pow2(max(k_max, 16))), WAYS=ways,
         num_warps=SELECT_WARPS if BLOCK >= 4096 else 4,
     )
     return page_idx, num
