@@ -63,7 +63,7 @@ def stock_passkey(smollm2_path, passkey_prompts):
     return run_engine({"model": smollm2_path, "prompts": passkey_prompts, **PASSKEY, "backend": "stock"})
 
 
-@pytest.mark.parametrize("method", ["quest", "snapkv"])
+@pytest.mark.parametrize("method", ["quest", "snapkv", "snapquest"])
 def test_small_budget_passkey_reads_fewer_pages_and_answers_like_dense(smollm2_path, passkey_prompts,
                                                                        stock_passkey, method):
     dense = stock_passkey
