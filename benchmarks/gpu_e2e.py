@@ -173,6 +173,16 @@ def part_agree(report, model_key: str, out_dir: Path):
            "; ".join(lines), time.time() - t0, "\n".join(lines))
 
 
+def device_tag(device: str) -> str:
+    """The device name as it stands in result file names (gpu_e2e_<tag>.json)."""
+    return re.sub(r"[^A-Za-z0-9]+", "_", device).strip("_")
+
+
+def stress_only(a) -> set[str]:
+    """--stress-only as a set of labels (empty: every stress run)."""
+    return set(filter(None, a.stress_only.split(",")))
+
+
 def stress_runs(only: set[str] | None) -> list[tuple[str, dict | None, list[str], bool]]:
     """(label NAME:graphs|eager, config, extra args, eager) of the stress runs, `only` picking labels."""
     runs = []
@@ -256,7 +266,7 @@ def run_lanes(a, passthrough: list[str]) -> int:
     """Run the suite as several processes side by side on the one GPU (--share-gpu each), then one
     summary of all of them; each lane's files are moved up into --out."""
     parts = a.parts.split(",")
-    labels = [r[0] for r in stress_runs(set(filter(None, a.stress_only.split(","))))]
+    labels = [r[0] for r in stress_runs(stress_only(a))]
     plan = plan_lanes(parts, a.lanes, a.agree_models.split(","), labels)
     out = Path(a.out)
     procs = []
@@ -278,7 +288,7 @@ def run_lanes(a, passthrough: list[str]) -> int:
         print("no lane wrote a result", flush=True)
         return 1
     doc = merge_lane_docs(docs, " ".join(["gpu_e2e.py", *sys.argv[1:]]))
-    tag = re.sub(r"[^A-Za-z0-9]+", "_", doc["device"]).strip("_")
+    tag = device_tag(doc["device"])
     (out / f"gpu_e2e_{tag}.json").write_text(json.dumps(doc, indent=1))
     (out / f"gpu_e2e_{tag}.txt").write_text(summary_text(doc))
     print(summary_text(doc))
@@ -328,7 +338,7 @@ def main() -> int:
     import vllm
 
     dev = torch.cuda.get_device_name()
-    tag = re.sub(r"[^A-Za-z0-9]+", "_", dev).strip("_")
+    tag = device_tag(dev)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
@@ -351,7 +361,7 @@ def main() -> int:
         for model_key in a.agree_models.split(","):
             part_agree(report, model_key, out)
     if "stress" in parts:
-        part_stress(report, a.stress_layers, a.min_steps, set(filter(None, a.stress_only.split(","))), a.share_gpu)
+        part_stress(report, a.stress_layers, a.min_steps, stress_only(a), a.share_gpu)
     if "sanitizer" in parts:
         part_sanitizer(report, 2)
     text = summary_text(doc)

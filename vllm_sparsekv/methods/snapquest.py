@@ -43,13 +43,13 @@ class SnapQuestSelector(SnapKVSelector):
         bs = self.geometry.block_size
         quest = kernels.quest_page_scores(query, self.bounds, block_table, seq_lens, max_pages, bs)
         snap = super().score_pages(query, key_cache, block_table, seq_lens, max_pages)  # -inf past the end
-        forced = self.config.sink_pages(bs) + self.config.recent_pages(bs)
+        sink, recent = self.config.sink_pages(bs), self.config.recent_pages(bs)
         budget = budgets.request_budget_pages(self.config, seq_lens, bs, False).long()
-        keep = (self.options.keep_share * (budget - forced).clamp(min=0)).floor().long()  # [N]
+        keep = (self.options.keep_share * (budget - sink - recent).clamp(min=0)).floor().long()  # [N]
         # the sink/recent pages are selected anyway: the keep-set ranks the others
         pages = torch.arange(max_pages, device=snap.device)
         npg = budgets.kernel_num_pages(seq_lens, bs).long()[:, None]
-        is_forced = (pages[None, :] < self.config.sink_pages(bs)) | (pages[None, :] >= npg - self.config.recent_pages(bs))
+        is_forced = (pages[None, :] < sink) | (pages[None, :] >= npg - recent)
         snap = snap.masked_fill(is_forced[:, None, :], float("-inf"))
         rank = torch.empty_like(pages.expand_as(snap))
         rank.scatter_(2, snap.argsort(dim=2, descending=True, stable=True), pages.expand_as(snap))
