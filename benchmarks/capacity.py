@@ -107,9 +107,10 @@ def run_config(spec: dict) -> dict:
               enable_prefix_caching=False, disable_log_stats=False, seed=0, skip_tokenizer_init=spec["dummy"])
     if spec["dummy"]:
         kw["load_format"] = "dummy"
-    if cuda:
+    if cuda:  # sync scheduling in every configuration: the passive store refuses async scheduling
         kw["compilation_config"] = {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY",
                                     "cudagraph_capture_sizes": sorted({1, 2, 4, 8, spec["requests"]})}
+        kw["async_scheduling"] = False
     if spec["sparsekv"] is not None:
         kw.update(attention_backend="sparsekv", additional_config={"sparsekv": spec["sparsekv"]})
     elif cuda:

@@ -31,6 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "eval")]
 
+OFFLOAD = {"method": "quest", "budget_fraction": 0.0625, "dense_layers": [],
+           "offload": {"enabled": True, "cpu_bytes": 4 << 30, "resident_fraction": 0.25}}
 STRESS = [  # (name, sparsekv config or None, extra args)
     ("dense-fa3", None, []),
     ("quest-1/16", {"method": "quest", "budget_fraction": 0.0625}, ["--prefix-caching"]),
@@ -46,6 +48,11 @@ STRESS = [  # (name, sparsekv config or None, extra args)
     # 16K-127K prompts (the default runs stop at 12K)
     ("quest-long", {"method": "quest", "budget_fraction": 0.0625},
      ["--kv-bytes", str(6 << 30), "--requests", "40", "--min-len", "16384", "--max-len", "130000", "--max-tokens", "64"]),
+    # the passive store: pages of decoding requests to pinned host memory, their blocks back to vLLM
+    # (a KV cache this small preempts too), prefix caching on
+    ("quest-offload", OFFLOAD,
+     ["--kv-bytes", str(256 << 20), "--requests", "48", "--min-len", "2048", "--max-len", "6144", "--max-tokens", "512",
+      "--prefix-caching"]),
     # up to 64 requests decoding in one step (FULL graph of size 64)
     ("quest-batch64", {"method": "quest", "budget_fraction": 0.0625},
      ["--kv-bytes", str(8 << 30), "--requests", "160", "--min-len", "1024", "--max-len", "8192", "--max-tokens", "256"]),
@@ -214,22 +221,27 @@ def part_stress(report, layers: int, min_steps: int, only: set[str] | None, shar
 
 
 def part_sanitizer(report, layers: int):
+    """compute-sanitizer memcheck over a short stress run: quest, and quest with the passive store
+    (its copies to pinned memory and the decode's zero-copy reads), FULL graphs."""
     from benchmarks.e2e_decode import write_llama8b
 
     model = str(write_llama8b(Path("/tmp/llama8b-sanitize"), layers=layers))
-    cfg = json.dumps({"method": "quest", "token_budget": 256, "sink_tokens": 16, "recent_tokens": 16})
-    cmd = ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "3", sys.executable,
-           "benchmarks/gpu_stress.py", "--model", model, "--dummy", "--sparsekv", cfg, "--requests", "12",
-           "--min-len", "64", "--max-len", "1536", "--max-tokens", "24", "--min-steps", "60",
-           "--kv-bytes", str(64 << 20)]
-    rc, out, dt = sh(cmd, timeout=480)
-    errs = re.findall(r"ERROR SUMMARY: (\d+) error", out)
-    report("sanitizer (memcheck, quest, FULL graphs, 60+ steps)", rc == 0 and errs and errs[-1] == "0",
-           f"rc={rc}, error summary: {errs[-1] if errs else 'none printed'}", dt, out[-4000:])
+    quest = {"method": "quest", "token_budget": 256, "sink_tokens": 16, "recent_tokens": 16}
+    for name, cfg in (("quest", quest), ("quest + passive store",
+                                         {**quest, "dense_layers": [], "offload": {**OFFLOAD["offload"],
+                                                                                    "cpu_bytes": 1 << 30}})):
+        cmd = ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "3", sys.executable,
+               "benchmarks/gpu_stress.py", "--model", model, "--dummy", "--sparsekv", json.dumps(cfg), "--requests",
+               "12", "--min-len", "64", "--max-len", "1536", "--max-tokens", "24", "--min-steps", "60",
+               "--kv-bytes", str(64 << 20)]
+        rc, out, dt = sh(cmd, timeout=480)
+        errs = re.findall(r"ERROR SUMMARY: (\d+) error", out)
+        report(f"sanitizer (memcheck, {name}, FULL graphs, 60+ steps)", rc == 0 and errs and errs[-1] == "0",
+               f"rc={rc}, error summary: {errs[-1] if errs else 'none printed'}", dt, out[-4000:])
 
 
 # rough seconds of each unit of work on an H100 (this suite's runs there), for splitting into lanes
-UNIT_SECONDS = {"kernels": 150, "engine": 420, "agree": 300, "stress": 90, "sanitizer": 90}
+UNIT_SECONDS = {"kernels": 150, "engine": 480, "agree": 300, "stress": 90, "sanitizer": 150}
 
 
 def plan_lanes(parts: list[str], lanes: int, agree_models: list[str], stress_labels: list[str]) -> list[list[tuple]]:

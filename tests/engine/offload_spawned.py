@@ -15,7 +15,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # run as a file: the repo root
-from tests.engine.harness import read_spec  # noqa: E402
+from tests.engine.harness import llm_device_kwargs, read_spec  # noqa: E402
 
 
 def main() -> None:
@@ -23,7 +23,7 @@ def main() -> None:
     from vllm import LLM, SamplingParams
 
     stats_file = os.path.join(tempfile.mkdtemp(), "stats.json")
-    llm = LLM(spec["model"], dtype="float32", enforce_eager=True, gpu_memory_utilization=0.5,
+    llm = LLM(spec["model"], **llm_device_kwargs(), **spec.get("llm", {}),
               max_model_len=spec["max_model_len"], num_gpu_blocks_override=spec["num_blocks"], seed=0,
               enable_prefix_caching=False, attention_backend="sparsekv",
               additional_config={"sparsekv": {**spec["sparsekv"], "stats_file": stats_file}})

@@ -13,7 +13,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # run as a file: the repo root
-from tests.engine.harness import read_spec, set_cpu_engine_env  # noqa: E402
+from tests.engine.harness import llm_device_kwargs, read_spec, set_cpu_engine_env  # noqa: E402
 
 set_cpu_engine_env()  # before vLLM is imported
 
@@ -25,13 +25,7 @@ def main() -> None:
 
     cuda = os.environ.get("SPARSEKV_TEST_DEVICE") == "cuda"
     kw = dict(
-        dtype="float16" if cuda else "float32", enforce_eager=not cuda, gpu_memory_utilization=0.5,
-        distributed_executor_backend="uni",
-        # CUDA: FULL graphs for decode, torch.compile off, graphs for batches up to 32 only (starts in
-        # seconds; the decode path is what is tested, and no test sends more than 32 prompts)
-        **({"compilation_config": {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY",
-                                   "cudagraph_capture_sizes": [1, 2, 4, 8, 16, 32]}, "max_num_seqs": 32}
-           if cuda else {}),
+        **llm_device_kwargs(), distributed_executor_backend="uni",
         max_model_len=spec.get("max_model_len", 4096), enable_prefix_caching=spec.get("prefix_caching", False),
         seed=0,
     )
@@ -42,7 +36,7 @@ def main() -> None:
     if cuda and os.environ.get("SPARSEKV_TEST_KV_BYTES"):
         # a fixed KV size instead of a memory profile: engines of other suites may share the GPU
         # (gpu_e2e.py runs two lanes at once), and a profile would count their memory as ours
-        kw.update(kv_cache_memory_bytes=int(os.environ["SPARSEKV_TEST_KV_BYTES"]), gpu_memory_utilization=0.15)
+        kw["kv_cache_memory_bytes"] = int(os.environ["SPARSEKV_TEST_KV_BYTES"])
     if spec.get("num_blocks"):  # a KV cache this small forces preemption
         kw.update(num_gpu_blocks_override=spec["num_blocks"], disable_log_stats=False)
     if spec["backend"] != "stock":  # "sparsekv", or another dense backend of vLLM (e.g. TRITON_ATTN)

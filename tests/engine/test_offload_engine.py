@@ -1,4 +1,5 @@
-"""The passive store inside vLLM on CPU (SmolLM2, float32, greedy): in a small KV space more
+"""The passive store inside vLLM (SmolLM2, greedy; CPU float32, or CUDA fp16 with FULL decode graphs
+and 32-token pages, as on CPU): in a small KV space more
 requests decode at once with offload on, the answers stay token for token those of sparsekv without
 offload, and abort, preemption, prefix-cache hits on freed blocks and a full host pool lose no
 request and leak no block or slot."""
@@ -10,16 +11,18 @@ import pytest
 from sparsekv_eval.passkey import passkey_prompt
 from tests.engine.harness import ON_CUDA, run_engine
 
-pytestmark = [pytest.mark.engine,
-              pytest.mark.skipif(ON_CUDA, reason="the passive store runs on the CPU platform only so far")]
+pytestmark = pytest.mark.engine
 
 LIFECYCLE = os.path.join(os.path.dirname(__file__), "offload_lifecycle.py")
 SPAWNED = os.path.join(os.path.dirname(__file__), "offload_spawned.py")
 # six ~300-token prompts = 10 of sparsekv's 32-token CPU pages each, in a KV space of 24 blocks:
 # without offload two requests fit at once
 SPARSE = {"method": "quest", "token_budget": 192, "sink_tokens": 32, "recent_tokens": 32, "dense_layers": []}
-ENGINE = {"max_tokens": 16, "num_blocks": 24, "max_model_len": 448}
-PAGE_BYTES = 30 * 3 * 32 * 2 * 64 * 4  # SmolLM2: one page of every layer (30 layers, 3 KV heads, fp32)
+ENGINE = {"max_tokens": 16, "num_blocks": 24, "max_model_len": 448, "block_size": 32}
+# SmolLM2: one page of every layer (30 layers, 3 KV heads, 64-dim K and V, fp32 on CPU, fp16 on CUDA)
+PAGE_BYTES = 30 * 3 * 32 * 2 * 64 * (2 if ON_CUDA else 4)
+# the spawned/in-process offload scripts: vLLM's async scheduling is refused with the passive store
+LLM_KW = {"block_size": 32, "async_scheduling": False} if ON_CUDA else {}
 
 
 def offload(slots: int) -> dict:
@@ -44,8 +47,8 @@ def without_offload(smollm2_path, prompts):
 def test_offload_runs_more_requests_at_once_with_the_same_answers(smollm2_path, prompts, without_offload):
     # with the engine core and the worker in processes of their own, as `vllm serve` runs them: the
     # plugin's connector reaches both through the pickled config
-    got = run_engine({"model": smollm2_path, "sparsekv": offload(slots=200), "prompts": prompts, **ENGINE},
-                     script=SPAWNED)
+    got = run_engine({"model": smollm2_path, "sparsekv": offload(slots=200), "prompts": prompts, **ENGINE,
+                      "llm": LLM_KW}, script=SPAWNED)
     off, on = without_offload["stats"], got["stats"]
     assert on["pid"] != got["pid"]  # counted in the worker's own process
     assert on["offloaded_pages"] > 0 and "offloaded_pages" not in off
@@ -59,7 +62,8 @@ def test_offload_runs_more_requests_at_once_with_the_same_answers(smollm2_path, 
 
 def test_abort_preemption_prefix_hits_and_a_full_pool_lose_no_request(smollm2_path, prompts, without_offload):
     got = run_engine({"model": smollm2_path, "sparsekv": offload(slots=12), "prompts": prompts,
-                      "first_max_tokens": 32, **ENGINE}, script=LIFECYCLE)
+                      "first_max_tokens": 32, **ENGINE,
+                      "llm": LLM_KW}, script=LIFECYCLE)
     s = got["stats"]
     assert got["aborted"] == ["1"]  # aborted while it held passive pages
     assert got["passive_at_preemption"] > 0 and s["preempted_with_passive_pages"] >= 1

@@ -285,6 +285,44 @@ def test_sparse_decode(G, D, bs, N, max_len, dtype, splits):
         assert rel_err(out, ref) < TOL[dtype], rel_err(out, ref)
 
 
+@here
+@pytest.mark.parametrize("G,D,bs,N,max_len", DECODE_CASES[:2] + ([(4, 128, 16, 8, 3000)] if CUDA else []))
+@pytest.mark.parametrize("dtype", DTYPES[:2])
+def test_sparse_decode_reads_passive_pages_from_the_host_pool(G, D, bs, N, max_len, dtype):
+    """The passive store's zero-copy path: some pages moved to a host pool (pinned on CUDA), their
+    blocks poisoned as if vLLM reused them, the block table pointing past the cache: the same
+    output as the reference over the unmoved cache."""
+    g = gen("dec-host", G, D, bs, N, dtype)
+    Hkv = 2
+    lens = lens_for(bs, N, max_len, g)
+    q, kc, vc, bt, sl = make_paged(lens, Hkv, G, D, bs, dtype=dtype, device=DEV, gen=g)
+    P = bt.shape[1]
+    idx = all_pages(lens, bs, P, Hkv, DEV)
+    ref = sparse_decode.sparse_paged_decode_ref(q, kc, vc, bt, sl, idx, 1 / math.sqrt(D))
+    B = kc.shape[0]
+    held = [(n, p) for n, s in enumerate(lens) for p in range(math.ceil(s / bs))]
+    moved = [held[i] for i in torch.randperm(len(held), generator=g)[: max(1, len(held) // 2)].tolist()]
+    slots = len(moved) + 2
+    pin = dict(pin_memory=True) if CUDA else {}
+    hk = torch.full((slots, bs, Hkv, D), float("nan"), dtype=dtype, **pin)
+    hv = torch.full((slots, bs, Hkv, D), float("nan"), dtype=dtype, **pin)
+    table = bt.clone()
+    for s, (n, p) in enumerate(moved):
+        b = int(bt[n, p])
+        hk[s + 1].copy_(kc[b])
+        hv[s + 1].copy_(vc[b])
+        table[n, p] = B + s + 1
+    for n, p in moved:
+        kc[int(bt[n, p])] = float("nan")
+        vc[int(bt[n, p])] = float("nan")
+    out = torch.full_like(q, float("nan"))
+    with poisoned():
+        sparse_decode.sparse_paged_decode_triton(q, kc, vc, table, sl, idx, 1 / math.sqrt(D), out=out,
+                                                 host_pages=(hk, hv))
+    assert not out.isnan().any()
+    assert rel_err(out, ref) < TOL[dtype], rel_err(out, ref)
+
+
 # ---------------------------------------------------------------- CUDA graphs
 @big
 @pytest.mark.parametrize("method", ["quest", "hash"])

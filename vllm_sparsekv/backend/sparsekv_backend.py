@@ -224,6 +224,8 @@ class SparseKVMetadataBuilder(AttentionMetadataBuilder[SparseKVMetadata]):
         self._host_weights = None if uniform else sparse_w.to(torch.float32)
         compilation = vllm_config.compilation_config
         max_reqs = max(vllm_config.scheduler_config.max_num_seqs, compilation.max_cudagraph_capture_size or 0)
+        self._max_reqs = max_reqs
+        self._offload_table: torch.Tensor | None = None  # passive store: the decode rows' block table
         self._seq_lens = torch.zeros(max_reqs, dtype=torch.int32, device=device)
         self._num_pages = torch.zeros(max_reqs, dtype=torch.int32, device=device)
         self._budget = torch.zeros(max_reqs, self.num_kv_heads, dtype=torch.int32, device=device)
@@ -294,7 +296,15 @@ class SparseKVMetadataBuilder(AttentionMetadataBuilder[SparseKVMetadata]):
         decode_block_table, reads_host = cam.block_table_tensor[:nd], False
         store = offload_store.current() if self.offload and nd else None
         if store is not None:
-            decode_block_table, reads_host = store.plan_decode(decode_block_table, cam.slot_mapping, bs, max_pages)
+            if self._offload_table is None:  # in build(), never inside a graph capture
+                self._offload_table = torch.empty((self._max_reqs, cam.block_table_tensor.shape[1]),
+                                                  dtype=cam.block_table_tensor.dtype,
+                                                  device=cam.block_table_tensor.device)
+            decode_block_table, reads_host = store.plan_decode(
+                decode_block_table, cam.slot_mapping, bs, max_pages, self._offload_table, self._max_reqs,
+                math.ceil(self.max_model_len / bs))
+            # a captured graph replays the launch it recorded: always the one that can read the pool
+            reads_host = reads_host or self.static_shapes
         return SparseKVMetadata(
             **prefill_rows,
             num_actual_tokens=cam.num_actual_tokens,
@@ -428,8 +438,10 @@ class SparseKVImpl(AttentionImpl):
             return
         geometry = LayerGeometry(self.num_heads, self.num_kv_heads, self.head_size, kv_cache.shape[2], index)
         self.selector = get_method(self.config.method)(self.config, geometry)
-        side = compat.page_tail_views(kv_cache, self.selector.side_state(kv_cache.dtype), page_tail_bytes)
-        if side is None:  # plus one row per host slot of the passive store: summaries stay here
+        # the passive store needs a summary row per host slot too: tensors of their own then
+        side = None if self.config.offload.enabled else compat.page_tail_views(
+            kv_cache, self.selector.side_state(kv_cache.dtype), page_tail_bytes)
+        if side is None:
             rows = kv_cache.shape[0] + (offload_store.host_rows() if self.config.offload.enabled else 0)
             self.selector.allocate(rows, kv_cache.dtype, kv_cache.device)
         else:

@@ -65,11 +65,10 @@ def select_pages(scores, seq_lens, block_size, budget_pages, sink_pages, recent_
 
 def sparse_paged_decode(q, key_cache, value_cache, block_table, seq_lens, page_idx, scale, out=None,
                         num_selected=None, host_pages=None):
-    """host_pages: the passive store's (key, value) pages, read for block ids past the cache (torch
-    reference only so far)."""
-    if use_triton(q, key_cache) and host_pages is None:
+    """host_pages: the passive store's (key, value) pages, read for block ids past the cache."""
+    if use_triton(q, key_cache):
         return sparse_paged_decode_triton(q, key_cache, value_cache, block_table, seq_lens, page_idx, scale, out,
-                                          num_selected)
+                                          num_selected, host_pages)
     return sparse_paged_decode_ref(q, key_cache, value_cache, block_table, seq_lens, page_idx, scale, out,
                                    num_selected, host_pages)
 

@@ -80,22 +80,25 @@ if HAS_TRITON:
 
     @triton.jit
     def _split_kernel(
-        q_ptr, k_ptr, v_ptr, bt_ptr, sl_ptr, pi_ptr, ns_ptr, wo_ptr, wl_ptr, scale_log2,
+        q_ptr, k_ptr, v_ptr, hk_ptr, hv_ptr, bt_ptr, sl_ptr, pi_ptr, ns_ptr, wo_ptr, wl_ptr, scale_log2,
         s_qn, s_qh, s_qd,
         s_kb, s_kt, s_kh, s_kd,
         s_vb, s_vt, s_vh, s_vd,
+        s_hkb, s_hkt, s_hkh, s_hkd,
+        s_hvb, s_hvt, s_hvh, s_hvd,
         s_btn, s_btp,
         s_pn, s_ph, s_pk,
         s_nsn, s_nsh,
-        K_MAX, NUM_SPLITS, HQ, D,
+        K_MAX, NUM_SPLITS, HQ, D, NUM_BLOCKS,
         G: tl.constexpr, G_PAD: tl.constexpr, BS: tl.constexpr, BLOCK_D: tl.constexpr,
-        PAGES_PER_ITER: tl.constexpr, IEEE: tl.constexpr, HAS_NS: tl.constexpr,
+        PAGES_PER_ITER: tl.constexpr, IEEE: tl.constexpr, HAS_NS: tl.constexpr, HOST: tl.constexpr,
     ):
         """Program (h, split, n): the query heads of KV head h over the split's share of the
         row's k = num_selected[n, h] listed pages (K_MAX without num_selected), so the work follows
         the pages really selected while the grid stays static (CUDA graphs); each K/V page is read
         once for the whole group. Writes the split's normalised partial output and its
-        log2-sum-exp to the workspace."""
+        log2-sum-exp to the workspace. HOST: block ids >= NUM_BLOCKS are passive pages, read
+        from the host pool (pinned memory, mapped into the device's address space) at id - NUM_BLOCKS."""
         h = tl.program_id(0)
         sp = tl.program_id(1)
         n = tl.program_id(2)
@@ -128,8 +131,17 @@ if HAS_TRITON:
             valid = (pid >= 0) & (pos < seq)
             blk = tl.load(bt_ptr + n * s_btn + pid * s_btp, mask=valid, other=0).to(tl.int64)
             m2 = valid[:, None] & dm[None, :]
+            if HOST:
+                on_host = blk >= NUM_BLOCKS
+                hblk = tl.where(on_host, blk - NUM_BLOCKS, 0)
+                blk = tl.where(on_host, 0, blk)
+                mh = m2 & on_host[:, None]
+                m2 = m2 & ~on_host[:, None]
             kt = tl.load(k_ptr + blk[:, None] * s_kb + ro[:, None] * s_kt + h * s_kh + d[None, :] * s_kd,
                          mask=m2, other=0.0)
+            if HOST:
+                kt = tl.where(mh, tl.load(hk_ptr + hblk[:, None] * s_hkb + ro[:, None] * s_hkt + h * s_hkh
+                                          + d[None, :] * s_hkd, mask=mh, other=0.0), kt)
             if IEEE:
                 s = tl.dot(q.to(tl.float32), tl.trans(kt.to(tl.float32)), input_precision="ieee")
             else:
@@ -142,6 +154,9 @@ if HAS_TRITON:
             l_i = l_i * alpha + tl.sum(p, axis=1)
             vt = tl.load(v_ptr + blk[:, None] * s_vb + ro[:, None] * s_vt + h * s_vh + d[None, :] * s_vd,
                          mask=m2, other=0.0)
+            if HOST:
+                vt = tl.where(mh, tl.load(hv_ptr + hblk[:, None] * s_hvb + ro[:, None] * s_hvt + h * s_hvh
+                                          + d[None, :] * s_hvd, mask=mh, other=0.0), vt)
             if IEEE:
                 acc = acc * alpha[:, None] + tl.dot(p, vt.to(tl.float32), input_precision="ieee")
             else:
@@ -208,11 +223,13 @@ def plan_splits(N: int, Hkv: int, k_max: int, pages_per_iter: int, device: torch
 
 
 def sparse_paged_decode_triton(q, key_cache, value_cache, block_table, seq_lens, page_idx, scale, out=None,
-                               num_selected=None, num_splits: int | None = None, tile_tokens: int | None = None,
-                               num_warps: int | None = None, num_stages: int | None = None,
-                               splits_per_sm: int | None = None):
+                               num_selected=None, host_pages=None, num_splits: int | None = None,
+                               tile_tokens: int | None = None, num_warps: int | None = None,
+                               num_stages: int | None = None, splits_per_sm: int | None = None):
     """Split-K launch + combine. The keyword knobs exist for tuning/tests; the defaults are
-    module-level (TILE_TOKENS, NUM_WARPS, NUM_STAGES, SPLITS_PER_SM)."""
+    module-level (TILE_TOKENS, NUM_WARPS, NUM_STAGES, SPLITS_PER_SM). host_pages: the passive
+    store's (key, value) [S, bs, Hkv, D] in pinned host memory, read in place (zero-copy) for block
+    ids past the cache; the kernel is the same launch with or without passive pages (graph-safe)."""
     N, Hq, D = q.shape
     _, bs, Hkv, _ = key_cache.shape
     G = Hq // Hkv
@@ -237,14 +254,17 @@ def sparse_paged_decode_triton(q, key_cache, value_cache, block_table, seq_lens,
     wl = torch.empty(N * Hq * S, dtype=torch.float32, device=q.device)
     # fp32 inputs: exact fp32 products (no tf32). The interpreter has no bf16/fp16 dot: upcast there.
     ieee = q.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET", "0") == "1"
+    host_k, host_v = host_pages if host_pages is not None else (key_cache, value_cache)
     _split_kernel[(Hkv, S, N)](
-        q, key_cache, value_cache, block_table, seq_lens, page_idx, page_idx if num_selected is None else num_selected,
+        q, key_cache, value_cache, host_k, host_v, block_table, seq_lens, page_idx,
+        page_idx if num_selected is None else num_selected,
         wo, wl, float(scale) * 1.4426950408889634,
-        *q.stride(), *key_cache.stride(), *value_cache.stride(), *block_table.stride(), *page_idx.stride(),
+        *q.stride(), *key_cache.stride(), *value_cache.stride(), *host_k.stride(), *host_v.stride(),
+        *block_table.stride(), *page_idx.stride(),
         *((0, 0) if num_selected is None else num_selected.stride()),
-        K, S, Hq, D,
+        K, S, Hq, D, key_cache.shape[0],
         G=G, G_PAD=max(16, next_pow2(G)), BS=bs, BLOCK_D=BLOCK_D, PAGES_PER_ITER=ppi, IEEE=ieee,
-        HAS_NS=num_selected is not None,
+        HAS_NS=num_selected is not None, HOST=host_pages is not None,
         num_warps=num_warps or NUM_WARPS, num_stages=stages,
     )
     _combine_kernel[(Hq, N)](

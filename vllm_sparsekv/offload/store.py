@@ -43,8 +43,15 @@ class OffloadStore:
         self.rows: dict[int, str] = {}  # this step: block being written -> request
         self.step = 0
         self.row_reqs: list[str | None] = []  # this step's decode rows, in batch order
-        self._selected: torch.Tensor | None = None  # [rows, max_pages + 1] bool
-        self._on_host: torch.Tensor | None = None  # [rows, max_pages + 1] bool: this step's passive pages
+        # Per-step state the decode writes, in buffers allocated once (CUDA graphs capture their
+        # addresses); views of this step's rows: pages selected by any layer [rows, max_pages + 1]
+        # (the last column takes the padding), which of them are passive, and the host reads.
+        self._selected_buf: torch.Tensor | None = None
+        self._on_host_buf: torch.Tensor | None = None
+        self._host_reads: torch.Tensor | None = None
+        self._selected: torch.Tensor | None = None
+        self._on_host: torch.Tensor | None = None
+        self._kv_heads = 1
         _current = self
 
     def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -100,29 +107,37 @@ class OffloadStore:
             yield side
 
     def plan_decode(self, block_table: torch.Tensor, slot_mapping: torch.Tensor, block_size: int,
-                    max_pages: int) -> tuple[torch.Tensor, bool]:
-        """The decode rows' block table with each passive page's entry pointing at its host slot
-        (num_blocks + slot: ids past the KV cache index the host pool), and whether any does.
-        The worker's block table is append-only and still holds the freed ids, so every decode row
-        must be known: a row this step's plan does not name is an error, not a guess."""
+                    max_pages: int, table_out: torch.Tensor, max_rows: int, max_cols: int) -> tuple[torch.Tensor, bool]:
+        """The decode rows' block table, written into `table_out` (the builder's buffer), with each
+        passive page's entry pointing at its host slot (num_blocks + slot: ids past the KV cache
+        index the host pool), and whether any does. The worker's block table is append-only and
+        still holds the freed ids, so every decode row must be known: a row this step's plan does
+        not name is an error, not a guess (padded rows of a CUDA-graph batch write no slot).
+        `max_rows` x `max_cols` sizes the per-step buffers once."""
         nd = block_table.shape[0]
         blocks = (slot_mapping[:nd] // block_size).tolist()
         self.row_reqs = [self.rows.get(b) for b in blocks]
-        if self.passive and None in self.row_reqs:
-            missing = [b for b, r in zip(blocks, self.row_reqs) if r is None]
+        missing = [b for b, r in zip(blocks, self.row_reqs) if r is None and b >= 0]
+        if self.passive and missing:
             raise RuntimeError(f"sparsekv offload: decode rows writing blocks {missing} are not in the step's plan")
-        self._selected = torch.zeros(nd, max_pages + 1, dtype=torch.bool, device=block_table.device)
-        self._on_host = None
+        if self._selected_buf is None:
+            dev = block_table.device
+            self._selected_buf = torch.zeros(max_rows, max_cols + 1, dtype=torch.bool, device=dev)
+            self._on_host_buf = torch.zeros_like(self._selected_buf)
+            self._host_reads = torch.zeros(1, dtype=torch.int64, device=dev)
+        self._selected = self._selected_buf[:nd, : max_pages + 1]
+        self._on_host = self._on_host_buf[:nd, : max_pages + 1]
+        self._selected.zero_()
+        self._on_host.zero_()
+        table = table_out[:nd]
+        table.copy_(block_table)
         rows = [(i, self.passive[r]) for i, r in enumerate(self.row_reqs) if self.passive.get(r)]
-        if not rows:
-            return block_table, False
-        table = block_table.clone()
-        self._on_host = torch.zeros_like(self._selected)
         for i, passive in rows:
             pages = torch.tensor(list(passive), dtype=torch.long)
-            table[i, pages] = torch.tensor(list(passive.values()), dtype=table.dtype) + self.num_blocks
+            table[i, pages.to(table.device)] = (torch.tensor(list(passive.values()), dtype=table.dtype)
+                                                + self.num_blocks).to(table.device)
             self._on_host[i, pages.to(self._on_host.device)] = True
-        return table, True
+        return table, bool(rows)
 
     def host_views(self, layer_name: str, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's host pages as key/value views [slots, block_size, Hkv, D], like the KV cache's."""
@@ -130,34 +145,37 @@ class OffloadStore:
 
     def note_selected(self, page_idx: torch.Tensor, num_selected: torch.Tensor | None = None) -> None:
         """A layer's selection [rows, Hkv, K] (-1 padded; only the first num_selected [rows, Hkv]
-        count): kept as the step's union per row."""
+        count): kept as the step's union per row, and its passive pages counted as host reads.
+        Device ops only, into the step's buffers (graph-safe)."""
         sel = self._selected
         if sel is None or page_idx.shape[0] != sel.shape[0]:
             return
         idx = page_idx.long()
         if num_selected is not None:
             idx = idx.masked_fill(torch.arange(idx.shape[2], device=idx.device) >= num_selected[..., None], -1)
-        hkv = idx.shape[1]
+        self._kv_heads = idx.shape[1]
         idx = torch.where(idx >= 0, idx, sel.shape[1] - 1).reshape(idx.shape[0], -1)
         sel.scatter_(1, idx, True)
-        if self._on_host is not None:
-            self._count_host_reads(int(self._on_host.gather(1, idx).sum()), hkv)
+        self._host_reads += self._on_host.gather(1, idx).sum()
 
-    def _count_host_reads(self, reads: int, hkv: int) -> None:
+    def _count_host_reads(self) -> None:
         """The decode reads passive pages from the host at every step they are selected (no recall
         yet), so these counters are the host traffic the capacity benchmark reports: `host_page_reads`
         counts (layer, KV head, page) reads, `host_read_bytes` their K and V bytes. Only selected pages
         count: a config that selects every page reports no selection, so nothing of it goes passive."""
+        reads = int(self._host_reads.item())
         if reads:
+            self._host_reads.zero_()
             pages = next(iter(self.pool.pages.values()))
             stats.bump("host_page_reads", reads)
-            stats.bump("host_read_bytes", reads * pages[0].numel() * pages.element_size() // hkv)
+            stats.bump("host_read_bytes", reads * pages[0].numel() * pages.element_size() // self._kv_heads)
 
     def take_selection(self) -> tuple[int, dict[str, list[int]]]:
-        """(step, request -> selected pages) of the step just run, then cleared."""
+        """(step, request -> selected pages) of the step just run (after its decode), then cleared."""
         sel, self._selected = self._selected, None
         if sel is None:
             return self.step, {}
+        self._count_host_reads()
         rows = sel[:, :-1].cpu()
         return self.step, {r: rows[i].nonzero().flatten().tolist() for i, r in enumerate(self.row_reqs)
                            if r is not None}
