@@ -31,6 +31,7 @@ here = pytest.mark.kernel_in_process
 
 from vllm_sparsekv.kernels import hash_codes, page_bounds, page_scores, page_select, sparse_decode  # noqa: E402
 from vllm_sparsekv.kernels.testing import all_pages, make_paged, rel_err  # noqa: E402
+from vllm_sparsekv.offload.pool import host_memory  # noqa: E402
 
 
 @pytest.mark.skipif(RUN_HERE, reason="kernels run in this process")
@@ -303,9 +304,10 @@ def test_sparse_decode_reads_passive_pages_from_the_host_pool(G, D, bs, N, max_l
     held = [(n, p) for n, s in enumerate(lens) for p in range(math.ceil(s / bs))]
     moved = [held[i] for i in torch.randperm(len(held), generator=g)[: max(1, len(held) // 2)].tolist()]
     slots = len(moved) + 2
-    pin = dict(pin_memory=True) if CUDA else {}
-    hk = torch.full((slots, bs, Hkv, D), float("nan"), dtype=dtype, **pin)
-    hv = torch.full((slots, bs, Hkv, D), float("nan"), dtype=dtype, **pin)
+    shape = (slots, bs, Hkv, D)
+    nbytes = math.prod(shape) * dtype.itemsize
+    buf = host_memory(2 * nbytes, pinned=CUDA)  # the pool's own host memory (cudaHostRegister on CUDA)
+    hk, hv = (buf[i * nbytes:(i + 1) * nbytes].view(dtype).view(shape).fill_(float("nan")) for i in range(2))
     table = bt.clone()
     for s, (n, p) in enumerate(moved):
         b = int(bt[n, p])

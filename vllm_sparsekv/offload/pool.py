@@ -7,6 +7,8 @@ before it frees a block); the worker side owns the memory (`HostPool`). Both siz
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -34,16 +36,34 @@ class SlotAllocator:
         self._free.sort(reverse=True)
 
 
+def host_memory(nbytes: int, pinned: bool) -> torch.Tensor:
+    """`nbytes` of host memory; `pinned`: page-locked and mapped into the GPU's address space (the
+    decode kernel reads it in place). Registered with cudaHostRegister rather than taken from
+    torch's pinned allocator, which rounds every block up to a power of two (a 48 GiB pool would
+    lock 64 GiB)."""
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    if pinned and nbytes:
+        err = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), nbytes, 0)
+        if int(err) != 0:
+            raise RuntimeError(f"sparsekv offload: cannot pin {nbytes / 2**30:.1f} GiB of host memory for the pool "
+                               f"(cudaHostRegister error {int(err)}); lower sparsekv.offload.cpu_bytes")
+    return buf
+
+
 class HostPool:
     """Per layer, `slots` pages [slots, *page_shape] in the KV cache's own layout (worker side),
-    so a page is one contiguous copy each way and the decode reads it with the same views.
-    Pinned on CUDA hosts (for asynchronous copies later); plain memory on CPU."""
+    so a page is one contiguous copy each way and the decode reads it with the same views. One
+    host buffer for all layers, pinned on CUDA hosts; plain memory on CPU."""
 
     def __init__(self, kv_caches: dict[str, torch.Tensor], slots: int):
         self.slots = slots
-        pin = any(kv.is_cuda for kv in kv_caches.values())
-        self.pages = {name: torch.empty((slots, *kv.shape[1:]), dtype=kv.dtype, pin_memory=pin)
-                      for name, kv in kv_caches.items()}
+        shapes = {name: ((slots, *kv.shape[1:]), kv.dtype) for name, kv in kv_caches.items()}
+        sizes = {name: _align(math.prod(shape) * dtype.itemsize) for name, (shape, dtype) in shapes.items()}
+        self.buffer = host_memory(sum(sizes.values()), any(kv.is_cuda for kv in kv_caches.values()))
+        self.pages, offset = {}, 0
+        for name, (shape, dtype) in shapes.items():
+            self.pages[name] = self.buffer[offset: offset + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+            offset += sizes[name]
 
     def store(self, kv_caches: dict[str, torch.Tensor], blocks: torch.Tensor, slots: torch.Tensor) -> None:
         """Copy KV blocks `blocks` of every layer into host `slots` (before the blocks are reused)."""
@@ -56,6 +76,10 @@ class HostPool:
         for name, kv in kv_caches.items():
             host = self.pages[name]
             kv.index_copy_(0, blocks.to(kv.device), host.index_select(0, slots.to(host.device)).to(kv.device))
+
+
+def _align(nbytes: int) -> int:
+    return -(-nbytes // 256) * 256
 
 
 def store_side_state(side: dict[str, torch.Tensor], blocks: torch.Tensor, rows: torch.Tensor) -> None:
