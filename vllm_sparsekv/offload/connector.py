@@ -45,16 +45,25 @@ class OffloadStep(KVConnectorMetadata):
 
 @dataclass
 class SelectionReport(KVConnectorWorkerMetadata):
-    """Worker -> scheduler: the pages each decoding request selected in a step (any layer or head)."""
+    """Worker -> scheduler: the pages each decoding request selected in a step (any layer or head),
+    ascending, and per page how many (layer, KV head) pairs selected it (`counts`, same order)."""
 
     step: int
     selected: dict[str, list[int]]
+    counts: dict[str, list[int]] = field(default_factory=dict)
 
-    def aggregate(self, other: SelectionReport) -> SelectionReport:  # tensor-parallel workers
-        merged = {r: sorted(set(p) | set(other.selected.get(r, ()))) for r, p in self.selected.items()}
-        for r, p in other.selected.items():
-            merged.setdefault(r, p)
-        return SelectionReport(max(self.step, other.step), merged)
+    def page_counts(self, rid: str) -> dict[int, int]:
+        return dict(zip(self.selected[rid], self.counts.get(rid) or [1] * len(self.selected[rid])))
+
+    def aggregate(self, other: SelectionReport) -> SelectionReport:  # tensor-parallel workers: their heads add up
+        merged: dict[str, dict[int, int]] = {}
+        for rep in (self, other):
+            for rid in rep.selected:
+                acc = merged.setdefault(rid, {})
+                for p, c in rep.page_counts(rid).items():
+                    acc[p] = acc.get(p, 0) + c
+        return SelectionReport(max(self.step, other.step), {r: sorted(m) for r, m in merged.items()},
+                               {r: [m[p] for p in sorted(m)] for r, m in merged.items()})
 
 
 class SparseKVOffloadConnector(KVConnectorBase_V1):
@@ -103,8 +112,8 @@ class SparseKVOffloadConnector(KVConnectorBase_V1):
             self.worker_side.apply(kv_connector_metadata)
 
     def build_connector_worker_meta(self) -> SelectionReport | None:
-        step, selected = self.worker_side.take_selection()
-        return SelectionReport(step, selected) if selected else None
+        step, selected, counts = self.worker_side.take_selection()
+        return SelectionReport(step, selected, counts) if selected else None
 
     def start_load_kv(self, forward_context, **kwargs) -> None:
         pass

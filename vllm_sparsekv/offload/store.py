@@ -43,7 +43,7 @@ class OffloadStore:
         self.rows: dict[int, str] = {}  # this step: block being written -> request
         self.step = 0
         self.row_reqs: list[str | None] = []  # this step's decode rows, in batch order
-        self._selected: torch.Tensor | None = None  # [rows, max_pages + 1] bool
+        self._selected: torch.Tensor | None = None  # [rows, max_pages + 1] int32: (layer, KV head) selections
         self._on_host: torch.Tensor | None = None  # [rows, max_pages + 1] bool: this step's passive pages
         _current = self
 
@@ -111,13 +111,13 @@ class OffloadStore:
         if self.passive and None in self.row_reqs:
             missing = [b for b, r in zip(blocks, self.row_reqs) if r is None]
             raise RuntimeError(f"sparsekv offload: decode rows writing blocks {missing} are not in the step's plan")
-        self._selected = torch.zeros(nd, max_pages + 1, dtype=torch.bool, device=block_table.device)
+        self._selected = torch.zeros(nd, max_pages + 1, dtype=torch.int32, device=block_table.device)
         self._on_host = None
         rows = [(i, self.passive[r]) for i, r in enumerate(self.row_reqs) if self.passive.get(r)]
         if not rows:
             return block_table, False
         table = block_table.clone()
-        self._on_host = torch.zeros_like(self._selected)
+        self._on_host = torch.zeros_like(self._selected, dtype=torch.bool)
         for i, passive in rows:
             pages = torch.tensor(list(passive), dtype=torch.long)
             table[i, pages] = torch.tensor(list(passive.values()), dtype=table.dtype) + self.num_blocks
@@ -130,7 +130,8 @@ class OffloadStore:
 
     def note_selected(self, page_idx: torch.Tensor, num_selected: torch.Tensor | None = None) -> None:
         """A layer's selection [rows, Hkv, K] (-1 padded; only the first num_selected [rows, Hkv]
-        count): kept as the step's union per row."""
+        count): added to the step's per-row count of (layer, KV head) selections of each page, whose
+        nonzero entries are the union the policies see and whose values are one of atskv's features."""
         sel = self._selected
         if sel is None or page_idx.shape[0] != sel.shape[0]:
             return
@@ -139,7 +140,7 @@ class OffloadStore:
             idx = idx.masked_fill(torch.arange(idx.shape[2], device=idx.device) >= num_selected[..., None], -1)
         hkv = idx.shape[1]
         idx = torch.where(idx >= 0, idx, sel.shape[1] - 1).reshape(idx.shape[0], -1)
-        sel.scatter_(1, idx, True)
+        sel.scatter_add_(1, idx, torch.ones_like(idx, dtype=sel.dtype))
         if self._on_host is not None:
             self._count_host_reads(int(self._on_host.gather(1, idx).sum()), hkv)
 
@@ -153,11 +154,16 @@ class OffloadStore:
             stats.bump("host_page_reads", reads)
             stats.bump("host_read_bytes", reads * pages[0].numel() * pages.element_size() // hkv)
 
-    def take_selection(self) -> tuple[int, dict[str, list[int]]]:
-        """(step, request -> selected pages) of the step just run, then cleared."""
+    def take_selection(self) -> tuple[int, dict[str, list[int]], dict[str, list[int]]]:
+        """(step, request -> selected pages, request -> their (layer, KV head) selection counts) of
+        the step just run, then cleared."""
         sel, self._selected = self._selected, None
         if sel is None:
-            return self.step, {}
+            return self.step, {}, {}
         rows = sel[:, :-1].cpu()
-        return self.step, {r: rows[i].nonzero().flatten().tolist() for i, r in enumerate(self.row_reqs)
-                           if r is not None}
+        pages, counts = {}, {}
+        for i, r in enumerate(self.row_reqs):
+            if r is not None:
+                nz = rows[i].nonzero().flatten()
+                pages[r], counts[r] = nz.tolist(), rows[i, nz].tolist()
+        return self.step, pages, counts
