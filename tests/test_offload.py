@@ -94,16 +94,19 @@ class _Manager:
             self.req_to_blocks[rid][i] = SimpleNamespace(block_id=0)
 
 
-def _side(slots=100, fraction=0.25, bs=16, sink=16, recent=32):
+def _side(slots=100, fraction=0.25, bs=16, sink=16, recent=32, usage=1.0, **offload):
+    """The scheduler side on a stand-in manager whose KV pool is `usage` full (vLLM's get_usage)."""
     from vllm_sparsekv.offload.connector import _SchedulerSide
 
     cfg = SparseKVConfig(dense_layers=[], sink_tokens=sink, recent_tokens=recent,
-                         offload={"enabled": True, "cpu_bytes": slots * 1000 * 2, "resident_fraction": fraction})
+                         offload={"enabled": True, "cpu_bytes": slots * 1000 * 2, "resident_fraction": fraction,
+                                  **offload})
     spec = SimpleNamespace(block_size=bs, page_size_bytes=1000)
     side = _SchedulerSide(cfg, SimpleNamespace(kv_cache_groups=[SimpleNamespace(kv_cache_spec=spec,
                                                                                  layer_names=["a", "b"])]))
     mgr = _Manager()
-    return side, mgr, SimpleNamespace(coordinator=SimpleNamespace(single_type_managers=(mgr,)))
+    return side, mgr, SimpleNamespace(coordinator=SimpleNamespace(single_type_managers=(mgr,)),
+                                      block_pool=SimpleNamespace(get_usage=lambda: usage))
 
 
 def _add(side, mgr, rid, seq_len, bs=16, first_block=1):
@@ -118,10 +121,10 @@ def _step(side, kvm, rids, preempted=()):
                      kvm)
 
 
-def _report(side, step, selected):
+def _report(side, step, selected, counts=None):
     from vllm_sparsekv.offload.connector import SelectionReport
 
-    side.observe(SelectionReport(step, selected))
+    side.observe(SelectionReport(step, selected, counts or {}))
 
 
 def test_scheduler_frees_down_to_the_target_share_and_never_sink_or_recent_pages():
@@ -241,6 +244,10 @@ def test_host_reads_count_the_selected_passive_pages_and_their_bytes():
         snap = stats.snapshot()
         assert snap["host_page_reads"] == 3
         assert snap["host_read_bytes"] == 3 * 2 * bs * d * 4  # K and V of one head, float32
+        # a second layer: the report counts (layer, KV head) selections per page
+        store.note_selected(torch.tensor([[[1, -1, -1], [1, 2, -1]], [[4, -1, -1], [-1, -1, -1]]]))
+        assert store.take_selection() == (0, {"a": [0, 1, 2, 3], "b": [0, 1, 2, 4]},
+                                          {"a": [1, 3, 2, 1], "b": [1, 1, 1, 1]})
     finally:
         store_mod._current = old
         stats.reset()

@@ -47,8 +47,20 @@ class OffloadConfig(BaseModel):
     resident_fraction: float = 0.5
     """Share of a decoding request's pages kept in the KV cache, in (0, 1]; sink, recent and
     just-written pages always stay."""
-    policy: Literal["lru"] = "lru"
-    """Which pages go passive first: `lru` (least recently selected by any layer's decode)."""
+    policy: Literal["lru", "atskv"] = "lru"
+    """Which pages go passive first: `lru` (least recently selected by any layer's decode) or
+    `atskv` (least relevant first, by a learned predictor over the selection history, fewer while
+    vLLM has free blocks; README, "Passive store")."""
+    relevance_weights: str | None = None
+    """`atskv`: the predictor's weights, a JSON file from `sparsekv train-relevance`. Unset: the
+    hand-set weights."""
+    threshold_beta: float = 1.0
+    """`atskv`: beta of the threshold tau = beta * quantile(relevance, q); > 0. Below 1 moves fewer
+    pages than the target share asks for."""
+    free_target: float = 0.0
+    """`atskv`: share of vLLM's KV blocks, in [0, 0.5], under which memory pressure is full (every
+    request goes to its target share); pressure falls to 0 at twice this share free. `0`: always
+    full, like `lru`."""
     read_back: Literal["host"] = "host"
     """How the decode reads a passive page: `host` (straight from the host pool, no recall)."""
 
@@ -65,6 +77,39 @@ class OffloadConfig(BaseModel):
         if not (0.0 < v <= 1.0):
             raise ValueError(f"must be in (0, 1], got {v}")
         return v
+
+    @field_validator("threshold_beta")
+    @classmethod
+    def _beta(cls, v: float) -> float:
+        if not v > 0:
+            raise ValueError(f"must be > 0, got {v}")
+        return v
+
+    @field_validator("free_target")
+    @classmethod
+    def _free_target(cls, v: float) -> float:
+        if not (0.0 <= v <= 0.5):
+            raise ValueError(f"must be in [0, 0.5], got {v}")
+        return v
+
+    @field_validator("relevance_weights")
+    @classmethod
+    def _weights(cls, v: str | None) -> str | None:
+        if v is not None:
+            from vllm_sparsekv.offload.policy import load_relevance_weights
+
+            load_relevance_weights(v)  # read at startup: a bad file fails here, not at the first offload
+        return v
+
+    @model_validator(mode="after")
+    def _atskv_knobs(self) -> OffloadConfig:
+        fields = type(self).model_fields
+        knobs = sorted(k for k in ("relevance_weights", "threshold_beta", "free_target")
+                       if getattr(self, k) != fields[k].default)  # not fields_set: a dump round-trips
+        if self.policy != "atskv" and knobs:
+            raise ValueError(f"{', '.join(knobs)}: only used by policy 'atskv' (policy is {self.policy!r}); "
+                             "allowed policies: lru, atskv")
+        return self
 
 
 class SparseKVConfig(BaseModel):

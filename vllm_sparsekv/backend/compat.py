@@ -286,3 +286,9 @@ def free_request_page(kv_cache_manager, req_id: str, page: int) -> None:
     as sliding windows drop their out-of-window blocks (vLLM's private `_remove_blocks_in_range`,
     the same in 0.32 and 0.33). A block another request shares (prefix cache) only loses a ref."""
     _attention_manager(kv_cache_manager)._remove_blocks_in_range(req_id, page, page + 1)
+
+
+def free_block_share(kv_cache_manager) -> float:
+    """Share of vLLM's KV blocks that are free (the null block not counted): the memory pressure
+    atskv's threshold follows."""
+    return 1.0 - kv_cache_manager.block_pool.get_usage()

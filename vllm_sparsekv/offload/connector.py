@@ -139,7 +139,7 @@ class _SchedulerSide:
         self.sink = cfg.sink_pages(bs)
         self.recent = cfg.recent_pages(bs)
         self.slots = SlotAllocator(num_slots(cfg.offload.cpu_bytes, spec.page_size_bytes, len(group.layer_names)))
-        self.policy = make_policy(cfg.offload.policy)
+        self.policy = make_policy(cfg.offload)
         self.requests: dict[str, Any] = {}
         self.passive: dict[str, dict[int, int]] = {}  # request -> logical page -> host slot
         self.decoding: set[str] = set()  # requests whose sparse decode has reported since their (re)start
@@ -157,6 +157,7 @@ class _SchedulerSide:
             self._preempted(rid)
             meta.preempted.append(rid)
         bs = self.block_size
+        free_share = compat.free_block_share(kv_cache_manager)  # after this step's allocations
         for rid, n in so.num_scheduled_tokens.items():
             req = self.requests.get(rid)
             if n != 1 or req is None:
@@ -167,10 +168,11 @@ class _SchedulerSide:
                 continue
             meta.rows[ids[pos // bs]] = rid
             if rid in self.decoding:
-                self._offload(rid, ids, pos + 1, kv_cache_manager, meta)
+                self._offload(rid, ids, pos + 1, kv_cache_manager, meta, free_share)
         return meta
 
-    def _offload(self, rid: str, ids: list[int], seq_len: int, kv_cache_manager, meta: OffloadStep) -> None:
+    def _offload(self, rid: str, ids: list[int], seq_len: int, kv_cache_manager, meta: OffloadStep,
+                 free_share: float) -> None:
         """Free blocks of `rid` until it holds its target share: never sink or recent pages, nor the
         page before the recent ones (it was written a step ago)."""
         pages = math.ceil(seq_len / self.block_size)
@@ -186,7 +188,7 @@ class _SchedulerSide:
                                "stay in the KV cache until requests finish", self.slots.capacity)
                 self.full_logged = True
             want = self.slots.num_free
-        for p in self.policy.choose(rid, candidates, want):
+        for p in self.policy.choose(rid, candidates, want, pages, free_share):
             slot = self.slots.take()
             meta.store.append((rid, p, ids[p], slot))
             passive[p] = slot
@@ -210,7 +212,7 @@ class _SchedulerSide:
         for rid, pages in report.selected.items():
             if rid in self.requests and report.step > self.restart.get(rid, 0):
                 self.decoding.add(rid)
-                self.policy.observe(rid, pages, report.step)
+                self.policy.observe(rid, pages, report.step, report.counts.get(rid))
 
     def finished(self, rid: str) -> None:
         self._release(rid)
