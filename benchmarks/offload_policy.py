@@ -144,6 +144,107 @@ def record(a) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- replay
+class FuturePolicy:
+    """A reference, not a deployable policy: knows each request's whole trace and moves the pages
+    the rest of it selects least often (greedy)."""
+
+    def __init__(self, traces: dict):
+        self.traces, self.step = traces, {}
+
+    def observe(self, req_id, pages, step, counts=None) -> None:
+        self.step[req_id] = step
+
+    def choose(self, req_id, candidates, count, num_pages, free_share) -> list[int]:
+        future: dict[int, int] = {}
+        for _, pages, _ in self.traces[req_id][self.step[req_id] + 1:]:
+            for p in pages:
+                future[p] = future.get(p, 0) + 1
+        return sorted(candidates, key=lambda p: (future.get(p, 0), p))[:count]
+
+    def forget(self, req_id) -> None:
+        self.step.pop(req_id, None)
+
+
+def page_bytes(model_dir: str, block_size: int, dtype_bytes: int = 4) -> tuple[int, int]:
+    """(bytes of one (layer, KV head) page, K and V; (layer, KV head) pairs) of the model."""
+    c = json.loads((Path(model_dir) / "config.json").read_text())
+    head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    pairs = c["num_hidden_layers"] * c.get("num_key_value_heads", c["num_attention_heads"])
+    return 2 * block_size * head_dim * dtype_bytes, pairs
+
+
+def replay_rows(doc: dict, policies: dict, shares: list[float], split: str, pair_bytes: int, pairs: int) -> list[dict]:
+    """One row per (share, policy) on the `split` requests."""
+    from vllm_sparsekv.offload.replay import replay
+
+    traces = {r["id"]: r["steps"] for r in doc["requests"] if r["split"] == split}
+    rows = []
+    for share in shares:
+        base = None
+        for name, make in policies.items():
+            res = replay(traces, make(traces), share, doc["block_size"], doc["sink_pages"], doc["recent_pages"])
+            row = {"split": split, "resident_fraction": share, "policy": name, "requests": len(traces),
+                   "steps": res.steps, "resident_share": round(res.resident_pages / res.pages, 4),
+                   "recalls_per_step": round(res.recalls / res.steps, 3),
+                   "host_reads_per_step": round(res.host_reads / res.steps, 2),
+                   "host_bytes_per_step": round((res.offloaded * pairs + res.host_reads) * pair_bytes / res.steps),
+                   "offloaded_pages": res.offloaded}
+            base = base or row
+            row["recalls_vs_lru"] = round(row["recalls_per_step"] / base["recalls_per_step"], 3)
+            row["host_bytes_vs_lru"] = round(row["host_bytes_per_step"] / base["host_bytes_per_step"], 3)
+            rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [f"{'split':6} {'share':>5} {'policy':14} {'resident':>8} {'recalls/step':>12} {'x lru':>6} "
+             f"{'host reads/step':>15} {'host MiB/step':>13} {'x lru':>6}"]
+    for r in rows:
+        lines.append(f"{r['split']:6} {r['resident_fraction']:>5} {r['policy']:14} {r['resident_share']:>8.3f} "
+                     f"{r['recalls_per_step']:>12.2f} {r['recalls_vs_lru']:>6.3f} {r['host_reads_per_step']:>15.1f} "
+                     f"{r['host_bytes_per_step'] / 2**20:>13.2f} {r['host_bytes_vs_lru']:>6.3f}")
+    return "\n".join(lines)
+
+
+def replay_main(a) -> int:
+    import numpy as np
+
+    from vllm_sparsekv.models import ensure_model
+    from vllm_sparsekv.offload.policy import ATSKVPolicy, LRUPolicy
+    from vllm_sparsekv.offload.replay import load_traces
+    from vllm_sparsekv.tools.train_relevance import train
+
+    env = serve.environment()
+    path = Path(a.traces or default_traces(env["device"]))
+    doc = load_traces(str(path))
+    weights = train(doc, "train", a.horizon)
+    tag = device_tag(env["device"])
+    wpath = Path(a.out) / f"relevance_weights_{tag}.json"
+    wpath.parent.mkdir(parents=True, exist_ok=True)
+    wpath.write_text(json.dumps({**weights, "command": f"benchmarks/offload_policy.py {' '.join(a.argv)}"}, indent=1) + "\n")
+    w, b = np.asarray(weights["weights"]), weights["bias"]
+    policies = {"lru": lambda t: LRUPolicy(), "atskv-hand": lambda t: ATSKVPolicy(),
+                "atskv-trained": lambda t: ATSKVPolicy(w, b), "future (ref.)": FuturePolicy}
+    pair_bytes, pairs = page_bytes(str(ensure_model("smollm2")), doc["block_size"])
+    shares = [float(x) for x in a.shares.split(",")]
+    rows = replay_rows(doc, policies, shares, "test", pair_bytes, pairs)
+    out = Path(a.out) / f"offload_policy_{tag}.json"
+    trace_keys = ("model", "method", "budget", "block_size", "sink_tokens", "recent_tokens", "context", "output")
+    out.write_text(json.dumps({
+        "command": " ".join(["benchmarks/offload_policy.py", *a.argv]), **env, "commit": quality.commit(),
+        "traces": str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path), "trace_commit": doc["commit"],
+        **{f"trace_{k}": doc[k] for k in trace_keys}, "train_requests": weights["requests"],
+        "weights": str(wpath.relative_to(ROOT) if wpath.is_relative_to(ROOT) else wpath), "horizon": a.horizon,
+        "rows": rows}, indent=1))
+    print(f"traces: {doc['model']}, {doc['method']} budget {doc['budget']}, {doc['context']}-token prompts, "
+          f"{doc['output']} decode steps, pages of {doc['block_size']}; trained on {weights['requests']} train "
+          f"requests (horizon {a.horizon}), evaluated on the test requests")
+    print(format_table(rows))
+    print(f"-> {out}\n-> {wpath}")
+    return 0
+
+
 def default_traces(device: str) -> Path:
     return ROOT / "benchmarks" / "results" / f"offload_traces_{device_tag(device)}.json.gz"
 
@@ -162,9 +263,14 @@ def main(argv=None) -> int:
     r.add_argument("--recent-tokens", type=int, default=32)
     r.add_argument("--timeout", type=int, default=3600)
     r.add_argument("--traces", default=None, help="output (default: benchmarks/results/offload_traces_<device>.json.gz)")
+    p = sub.add_parser("replay", help="replay the traces through lru and atskv")
+    p.add_argument("--traces", default=None, help="default: benchmarks/results/offload_traces_<device>.json.gz")
+    p.add_argument("--shares", default="0.25,0.5", help="resident fractions")
+    p.add_argument("--horizon", type=int, default=1, help="train-relevance's label horizon")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     a = ap.parse_args(argv)
     a.argv = argv
-    return record(a)
+    return record(a) if a.mode == "record" else replay_main(a)
 
 
 if __name__ == "__main__":
