@@ -1,9 +1,9 @@
 """Offload policies on recorded selection traces (issue 11): which policy makes the fewest recalls
 (selected-while-passive pages) at the same resident share.
 
-    python benchmarks/offload_policy.py record [--prompts 8] [--context 2048] [--output 128]
+    python benchmarks/offload_policy.py record [--prompts 16] [--context 4096] [--output 128]
         [--budget 256] [--traces benchmarks/results/offload_traces_<device>.json.gz]
-    python benchmarks/offload_policy.py replay [--traces ...] [--shares 0.25,0.5] [--horizon 32]
+    python benchmarks/offload_policy.py replay [--traces ...] [--shares 0.25,0.5] [--horizon 1]
         [--out benchmarks/results]
 
 `record` runs SmolLM2 through vLLM (CPU here) with sparsekv quest, every prompt submitted at once
@@ -78,6 +78,7 @@ def record_traces(spec: dict) -> dict:
     reports and each request's length at that step, per request."""
     import quality_vllm
 
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")  # GiB: 16 SmolLM2 requests of 4K tokens at once
     for k, v in quality_vllm.CPU_ENV.items():
         os.environ.setdefault(k, v)
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the scheduler is read here
@@ -254,8 +255,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="mode", required=True)
     r = sub.add_parser("record", help="record selection traces of SmolLM2 through vLLM")
-    r.add_argument("--prompts", type=int, default=8, help="prompts per split (train, test)")
-    r.add_argument("--context", type=int, default=2048, help="prompt tokens")
+    r.add_argument("--prompts", type=int, default=16, help="prompts per split (train, test)")
+    r.add_argument("--context", type=int, default=4096, help="prompt tokens")
     r.add_argument("--output", type=int, default=128, help="decode steps per request (ignore_eos)")
     r.add_argument("--budget", type=int, default=256, help="quest token budget")
     r.add_argument("--block-size", type=int, default=32)
