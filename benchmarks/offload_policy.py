@@ -3,7 +3,7 @@
 
     python benchmarks/offload_policy.py record [--prompts 16] [--context 4096] [--output 128]
         [--budget 256] [--traces benchmarks/results/offload_traces_<device>.json.gz]
-    python benchmarks/offload_policy.py replay [--traces ...] [--shares 0.25,0.5] [--horizon 1]
+    python benchmarks/offload_policy.py replay [--traces ...] [--shares 0.25,0.5] [--horizon 1] [--recall 8,16]
         [--out benchmarks/results]
 
 `record` runs SmolLM2 through vLLM (CPU here) with sparsekv quest, every prompt submitted at once
@@ -176,20 +176,27 @@ def page_bytes(model_dir: str, block_size: int, dtype_bytes: int = 4) -> tuple[i
 
 
 def replay_rows(doc: dict, policies: dict, shares: list[float], split: str, pair_bytes: int, pairs: int) -> list[dict]:
-    """One row per (share, policy) on the `split` requests."""
+    """One row per (share, policy) on the `split` requests; `policies`: (name, make(traces), (k, window)
+    of `read_back: recall` or None for `host`), the first one the baseline of the ratios. Host bytes: whole pages (every layer
+    and KV head) copied to the pool and back, plus one (layer, KV head) page per host read."""
+    from vllm_sparsekv.offload.policy import RecallRule
     from vllm_sparsekv.offload.replay import replay
 
     traces = {r["id"]: r["steps"] for r in doc["requests"] if r["split"] == split}
     rows = []
     for share in shares:
         base = None
-        for name, make in policies.items():
-            res = replay(traces, make(traces), share, doc["block_size"], doc["sink_pages"], doc["recent_pages"])
-            row = {"split": split, "resident_fraction": share, "policy": name, "requests": len(traces),
+        for name, make, recall in policies:
+            res = replay(traces, make(traces), share, doc["block_size"], doc["sink_pages"], doc["recent_pages"],
+                         RecallRule(*recall) if recall else None)
+            row = {"split": split, "resident_fraction": share, "policy": name,
+                   "read_back": f"recall {recall[0]} of {recall[1]}" if recall else "host", "requests": len(traces),
                    "steps": res.steps, "resident_share": round(res.resident_pages / res.pages, 4),
                    "recalls_per_step": round(res.recalls / res.steps, 3),
                    "host_reads_per_step": round(res.host_reads / res.steps, 2),
-                   "host_bytes_per_step": round((res.offloaded * pairs + res.host_reads) * pair_bytes / res.steps),
+                   "promoted_per_step": round(res.promoted / res.steps, 3),
+                   "host_bytes_per_step": round(((res.offloaded + res.promoted) * pairs + res.host_reads)
+                                                * pair_bytes / res.steps),
                    "offloaded_pages": res.offloaded}
             base = base or row
             row["recalls_vs_lru"] = round(row["recalls_per_step"] / base["recalls_per_step"], 3)
@@ -199,11 +206,12 @@ def replay_rows(doc: dict, policies: dict, shares: list[float], split: str, pair
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = [f"{'split':6} {'share':>5} {'policy':14} {'resident':>8} {'recalls/step':>12} {'x lru':>6} "
-             f"{'host reads/step':>15} {'host MiB/step':>13} {'x lru':>6}"]
+    lines = [f"{'split':6} {'share':>5} {'policy':14} {'read_back':14} {'resident':>8} {'recalls/step':>12} "
+             f"{'x lru':>6} {'host reads/step':>15} {'promoted/step':>13} {'host MiB/step':>13} {'x lru':>6}"]
     for r in rows:
-        lines.append(f"{r['split']:6} {r['resident_fraction']:>5} {r['policy']:14} {r['resident_share']:>8.3f} "
-                     f"{r['recalls_per_step']:>12.2f} {r['recalls_vs_lru']:>6.3f} {r['host_reads_per_step']:>15.1f} "
+        lines.append(f"{r['split']:6} {r['resident_fraction']:>5} {r['policy']:14} {r['read_back']:14} "
+                     f"{r['resident_share']:>8.3f} {r['recalls_per_step']:>12.2f} {r['recalls_vs_lru']:>6.3f} "
+                     f"{r['host_reads_per_step']:>15.1f} {r['promoted_per_step']:>13.2f} "
                      f"{r['host_bytes_per_step'] / 2**20:>13.2f} {r['host_bytes_vs_lru']:>6.3f}")
     return "\n".join(lines)
 
@@ -225,8 +233,11 @@ def replay_main(a) -> int:
     wpath.parent.mkdir(parents=True, exist_ok=True)
     wpath.write_text(json.dumps({**weights, "command": f"benchmarks/offload_policy.py {' '.join(a.argv)}"}, indent=1) + "\n")
     w, b = np.asarray(weights["weights"]), weights["bias"]
-    policies = {"lru": lambda t: LRUPolicy(), "atskv-hand": lambda t: ATSKVPolicy(),
-                "atskv-trained": lambda t: ATSKVPolicy(w, b), "future (ref.)": FuturePolicy}
+    recall = tuple(int(x) for x in a.recall.split(",")) if a.recall else None
+    policies = [("lru", lambda t: LRUPolicy(), None), ("atskv-hand", lambda t: ATSKVPolicy(), None),
+                ("atskv-trained", lambda t: ATSKVPolicy(w, b), None), ("future (ref.)", FuturePolicy, None)]
+    if recall:
+        policies += [("lru", lambda t: LRUPolicy(), recall), ("atskv-hand", lambda t: ATSKVPolicy(), recall)]
     pair_bytes, pairs = page_bytes(str(ensure_model("smollm2")), doc["block_size"])
     shares = [float(x) for x in a.shares.split(",")]
     rows = replay_rows(doc, policies, shares, "test", pair_bytes, pairs)
@@ -268,6 +279,7 @@ def main(argv=None) -> int:
     p.add_argument("--traces", default=None, help="default: benchmarks/results/offload_traces_<device>.json.gz")
     p.add_argument("--shares", default="0.25,0.5", help="resident fractions")
     p.add_argument("--horizon", type=int, default=1, help="train-relevance's label horizon")
+    p.add_argument("--recall", default="8,16", help="K,N: also replay read_back recall (K of the last N steps); '' skips")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     a = ap.parse_args(argv)
     a.argv = argv

@@ -11,7 +11,8 @@ import pytest
 
 from tests.test_offload import _add, _report, _side, _step
 from vllm_sparsekv.config import SparseKVConfig, SparseKVConfigError, load_config
-from vllm_sparsekv.offload.policy import FEATURES, ATSKVPolicy, LRUPolicy, PageHistory, make_policy, pressure
+from vllm_sparsekv.offload.policy import (FEATURES, ATSKVPolicy, LRUPolicy, PageHistory, RecallRule, make_policy,
+                                          pressure)
 from vllm_sparsekv.offload.replay import replay, replay_request
 from vllm_sparsekv.tools import train_relevance
 
@@ -47,23 +48,36 @@ class _RandomPolicy:
     def forget(self, req_id): ...
 
 
-@pytest.mark.parametrize("fraction", [0.25, 0.5, 0.9])
-def test_replay_counts_like_a_brute_force_count_and_keeps_the_candidate_rules(seed_gen, fraction):
+@pytest.mark.parametrize("fraction, recall", [(0.25, None), (0.5, None), (0.9, None), (0.25, (1, 1)), (0.5, (2, 4))])
+def test_replay_counts_like_a_brute_force_count_and_keeps_the_candidate_rules(seed_gen, fraction, recall):
+    """The replay's counts recomputed step by step from the policy's logged choices, with the
+    promotions of `read_back: recall` (k of the last `window` steps read from the host) worked out
+    independently."""
     rng = _np_rng(seed_gen)
     bs, sink, recent = 8, int(rng.integers(0, 3)), int(rng.integers(1, 3))
     for policy_kind in ("random", "lru", "atskv"):
         trace = _random_trace(rng, bs, steps=40)
         policy = {"random": _RandomPolicy(rng), "lru": LRUPolicy(), "atskv": ATSKVPolicy()}[policy_kind]
         log: list = []
-        got = replay_request("r", trace, policy, fraction, bs, sink, recent, log)
+        got = replay_request("r", trace, policy, fraction, bs, sink, recent, log,
+                             recall=RecallRule(*recall) if recall else None)
         moves = dict(log)
         passive: set[int] = set()
-        recalls = reads = resident = 0
+        host_steps: dict[int, list[int]] = {}  # page -> steps it was selected while passive
+        recalls = reads = resident = promoted = 0
         for i, (seq_len, pages, counts) in enumerate(trace):
             n = math.ceil(seq_len / bs)
             chosen = moves.get(i, [])
             assert i > 0 or not chosen, "nothing moves before the first report"
-            allowed = {p for p in range(n) if sink <= p < n - recent - 1} - passive
+            back = set()
+            if recall and i > 0:
+                k, window = recall
+                back = {p for p in passive if sum(i - window <= s < i for s in host_steps.get(p, [])) >= k}
+                passive -= back
+                for p in back:
+                    host_steps.pop(p)
+                promoted += len(back)
+            allowed = {p for p in range(n) if sink <= p < n - recent - 1} - passive - back
             assert set(chosen) <= allowed and len(set(chosen)) == len(chosen), (policy_kind, i, chosen)
             want = min(len(allowed), n - len(passive) - math.ceil(fraction * n))
             if policy_kind != "random" and i > 0:  # the real policies move exactly what the target asks
@@ -73,8 +87,25 @@ def test_replay_counts_like_a_brute_force_count_and_keeps_the_candidate_rules(se
             for p, c in zip(pages, counts):
                 recalls += p in passive
                 reads += c * (p in passive)
-        assert (got.recalls, got.host_reads, got.offloaded, got.resident_pages) == (
-            recalls, reads, sum(map(len, moves.values())), resident), policy_kind
+                if p in passive:
+                    host_steps.setdefault(p, []).append(i)
+        assert (got.recalls, got.host_reads, got.offloaded, got.resident_pages, got.promoted) == (
+            recalls, reads, sum(map(len, moves.values())), resident, promoted), policy_kind
+        assert promoted > 0 or not recall, "the random traces exercise promotions"
+
+
+def test_recall_rule_counts_host_reads_within_its_window():
+    rule = RecallRule(k=2, window=3)
+    rule.note("r", [4, 7], step=1)
+    rule.note("r", [4], step=2)
+    assert rule.due("r", 3) == [4] and rule.due("r", 5) == []  # at 5, step 1's read left the window
+    rule.note("r", [7], step=5)
+    rule.note("r", [7], step=6)
+    assert rule.due("r", 7) == [7]
+    rule.promoted("r", [7])
+    assert rule.due("r", 7) == []
+    rule.forget("r")
+    assert rule.hits == {}
 
 
 def test_page_history_features_by_hand():

@@ -185,6 +185,36 @@ class ATSKVPolicy:
         self.history.forget(req_id)
 
 
+class RecallRule:
+    """`read_back: recall`: a passive page that the decode selected (read from the host) at `k` or
+    more of the last `window` steps goes back into a KV block. Steps count the request's reports."""
+
+    def __init__(self, k: int, window: int) -> None:
+        self.k, self.window = k, window
+        self.hits: dict[str, dict[int, list[int]]] = {}  # request -> passive page -> steps it was read
+
+    def note(self, req_id: str, passive_selected: Iterable[int], step: int) -> None:
+        pages = self.hits.setdefault(req_id, {})
+        for p in passive_selected:
+            pages.setdefault(p, []).append(step)
+
+    def due(self, req_id: str, step: int) -> list[int]:
+        """Pages to promote before `step` (ascending), the reads before step - window dropped."""
+        out = []
+        for p, steps in self.hits.get(req_id, {}).items():
+            steps[:] = [s for s in steps if s >= step - self.window]
+            if len(steps) >= self.k:
+                out.append(p)
+        return sorted(out)
+
+    def promoted(self, req_id: str, pages: Iterable[int]) -> None:
+        for p in pages:
+            self.hits.get(req_id, {}).pop(p, None)
+
+    def forget(self, req_id: str) -> None:
+        self.hits.pop(req_id, None)
+
+
 POLICIES = {"lru": LRUPolicy, "atskv": ATSKVPolicy}
 
 

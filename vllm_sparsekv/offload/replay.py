@@ -29,6 +29,7 @@ class ReplayResult:
     recalls: int = 0  # selected pages that were passive at their step
     host_reads: int = 0  # (layer, KV head) selections of passive pages: what `read_back: host` reads
     offloaded: int = 0  # pages made passive
+    promoted: int = 0  # passive pages copied back into a KV block (`read_back: recall`)
     resident_pages: int = 0  # summed over steps, at decode
     pages: int = 0  # summed over steps
 
@@ -43,15 +44,22 @@ def candidates(num_pages: int, passive: set[int] | dict, sink: int, recent: int)
 
 
 def replay_request(req_id: str, steps: Sequence[Step], policy, fraction: float, block_size: int, sink: int,
-                   recent: int, log: list | None = None) -> ReplayResult:
+                   recent: int, log: list | None = None, recall=None) -> ReplayResult:
     """One request's trace through `policy` (its state for `req_id` is forgotten at the end);
-    `log` gets (step, pages made passive) for each step that moved some."""
+    `log` gets (step, pages made passive) for each step that moved some. With a `recall` rule
+    (`policy.RecallRule`), the pages it names go back first, and the move to the target share
+    does not take them again in that step."""
     res = ReplayResult()
     passive: set[int] = set()
     for i, (seq_len, pages, counts) in enumerate(steps):
         n = math.ceil(seq_len / block_size)
         if i > 0:
-            cand = candidates(n, passive, sink, recent)
+            back = recall.due(req_id, i) if recall is not None else []
+            passive.difference_update(back)
+            res.promoted += len(back)
+            if recall is not None:
+                recall.promoted(req_id, back)
+            cand = [p for p in candidates(n, passive, sink, recent) if p not in back]
             want = min(len(cand), n - len(passive) - math.ceil(fraction * n))
             if want > 0:
                 chosen = policy.choose(req_id, cand, want, n, 0.0)
@@ -65,16 +73,20 @@ def replay_request(req_id: str, steps: Sequence[Step], policy, fraction: float, 
         res.recalls += sum(p in passive for p in pages)
         res.host_reads += sum(c for p, c in zip(pages, counts) if p in passive)
         policy.observe(req_id, pages, i, counts)
+        if recall is not None:
+            recall.note(req_id, [p for p in pages if p in passive], i)
     policy.forget(req_id)
+    if recall is not None:
+        recall.forget(req_id)
     return res
 
 
 def replay(traces: dict[str, Sequence[Step]], policy, fraction: float, block_size: int, sink: int,
-           recent: int) -> ReplayResult:
-    """Every request's trace through one policy; the counts summed."""
+           recent: int, recall=None) -> ReplayResult:
+    """Every request's trace through one policy (and recall rule); the counts summed."""
     total = ReplayResult()
     for rid, steps in traces.items():
-        total.add(replay_request(rid, steps, policy, fraction, block_size, sink, recent))
+        total.add(replay_request(rid, steps, policy, fraction, block_size, sink, recent, recall=recall))
     return total
 
 
