@@ -223,6 +223,10 @@ def test_connector_runs_atskv_to_the_target_under_pressure_only():
      "sparsekv.offload.relevance_weights: cannot read relevance weights '/nonexistent.json'"),
     ({"policy": "atskv", "threshold_beta": 0}, "sparsekv.offload.threshold_beta: must be > 0"),
     ({"policy": "atskv", "free_target": 0.7}, r"sparsekv.offload.free_target: must be in \[0, 0.5\]"),
+    ({"read_back": "promote"}, "sparsekv.offload.read_back: must be one of host, recall, got 'promote'"),
+    ({"recall_k": 2}, "sparsekv.offload: recall_k: only used by read_back 'recall' .read_back is 'host'.; allowed: host, recall"),
+    ({"read_back": "recall", "recall_k": 0}, "sparsekv.offload.recall_k: must be >= 1, got 0"),
+    ({"read_back": "recall", "recall_k": 4, "recall_window": 3}, "recall_window must be >= recall_k .4., got 3"),
 ])
 def test_bad_policy_settings_fail_at_startup_naming_the_option(offload, message):
     with pytest.raises(SparseKVConfigError, match=message):

@@ -61,8 +61,14 @@ class OffloadConfig(BaseModel):
     """`atskv`: share of vLLM's KV blocks, in [0, 0.5], under which memory pressure is full (every
     request goes to its target share); pressure falls to 0 at twice this share free. `0`: always
     full, like `lru`."""
-    read_back: Literal["host"] = "host"
-    """How the decode reads a passive page: `host` (straight from the host pool, no recall)."""
+    read_back: Literal["host", "recall"] = "host"
+    """How the decode reads a passive page: `host` (straight from the host pool at every step it is
+    selected) or `recall` (also straight from the pool, until it was read at `recall_k` of the last
+    `recall_window` steps: then it goes back into a KV block)."""
+    recall_k: int = 8
+    """`read_back: recall`: host reads, within the window, that bring a page back; >= 1."""
+    recall_window: int = 16
+    """`read_back: recall`: the window, in steps; >= recall_k."""
 
     @field_validator("cpu_bytes")
     @classmethod
@@ -101,14 +107,30 @@ class OffloadConfig(BaseModel):
             load_relevance_weights(v)  # read at startup: a bad file fails here, not at the first offload
         return v
 
+    @field_validator("recall_k")
+    @classmethod
+    def _recall_k(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"must be >= 1, got {v}")
+        return v
+
     @model_validator(mode="after")
-    def _atskv_knobs(self) -> OffloadConfig:
+    def _knobs_of_their_choice(self) -> OffloadConfig:
         fields = type(self).model_fields
-        knobs = sorted(k for k in ("relevance_weights", "threshold_beta", "free_target")
-                       if getattr(self, k) != fields[k].default)  # not fields_set: a dump round-trips
+
+        def changed(*names: str) -> list[str]:  # not fields_set: a dump round-trips
+            return sorted(k for k in names if getattr(self, k) != fields[k].default)
+
+        knobs = changed("relevance_weights", "threshold_beta", "free_target")
         if self.policy != "atskv" and knobs:
             raise ValueError(f"{', '.join(knobs)}: only used by policy 'atskv' (policy is {self.policy!r}); "
                              "allowed policies: lru, atskv")
+        knobs = changed("recall_k", "recall_window")
+        if self.read_back != "recall" and knobs:
+            raise ValueError(f"{', '.join(knobs)}: only used by read_back 'recall' (read_back is "
+                             f"{self.read_back!r}); allowed: host, recall")
+        if self.recall_window < self.recall_k:
+            raise ValueError(f"recall_window must be >= recall_k ({self.recall_k}), got {self.recall_window}")
         return self
 
 

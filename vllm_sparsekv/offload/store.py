@@ -40,6 +40,7 @@ class OffloadStore:
         self.kv_caches: dict[str, torch.Tensor] = {}
         self.num_blocks = 0
         self.passive: dict[str, dict[int, int]] = {}  # residency: request -> logical page -> host slot
+        self.recalled: dict[str, dict[int, int]] = {}  # request -> logical page -> its block since a recall
         self.rows: dict[int, str] = {}  # this step: block being written -> request
         self.step = 0
         self.row_reqs: list[str | None] = []  # this step's decode rows, in batch order
@@ -59,13 +60,17 @@ class OffloadStore:
 
     def apply(self, meta) -> None:
         """The step's plan from the scheduler, before any KV write of the step: forget finished
-        requests, copy the pages it made passive (their blocks are free from now on)."""
+        requests, copy the pages it made passive (their blocks are free from now on), then copy
+        recalled pages back into their new blocks. Stores go first: a recall's new block may be a
+        block this plan freed (the scheduler keeps a recalled page's slot until the next plan)."""
         if self.pool is None or meta.num_slots != self.pool.slots:
             raise RuntimeError(f"sparsekv offload: scheduler and worker disagree on the host pool "
                                f"({meta.num_slots} vs {None if self.pool is None else self.pool.slots} slots)")
         for rid in meta.drop:
             self.passive.pop(rid, None)
+            self.recalled.pop(rid, None)
         for rid in meta.preempted:
+            self.recalled.pop(rid, None)
             if self.passive.pop(rid, None):
                 stats.bump("preempted_with_passive_pages")
         if meta.store:
@@ -77,14 +82,30 @@ class OffloadStore:
                 store_side_state(side, blocks_t, slots_t + self.num_blocks)
             for rid, page, slot in zip(rids, pages, slots):
                 self.passive.setdefault(rid, {})[page] = slot
+                self.recalled.get(rid, {}).pop(page, None)
             stats.bump("offloaded_pages", len(meta.store))
-            stats.bump("offloaded_bytes", len(meta.store) * sum(p[0].numel() * p.element_size()
-                                                                for p in self.pool.pages.values()))
+            stats.bump("offloaded_bytes", len(meta.store) * self._page_bytes())
+        if meta.load:
+            rids, pages, slots, blocks = zip(*meta.load)
+            slots_t = torch.tensor(slots, dtype=torch.long)
+            blocks_t = torch.tensor(blocks, dtype=torch.long)
+            self.pool.load(self.kv_caches, slots_t, blocks_t)
+            for side in self._side_states():
+                store_side_state(side, slots_t + self.num_blocks, blocks_t)
+            for rid, page, block in zip(rids, pages, blocks):
+                del self.passive[rid][page]
+                self.recalled.setdefault(rid, {})[page] = block
+            stats.bump("recalled_pages", len(meta.load))
+            stats.bump("recalled_bytes", len(meta.load) * self._page_bytes())
         if meta.kept_for_lack_of_slots:
             stats.bump("offload_pool_full_pages", meta.kept_for_lack_of_slots)
         stats.peak("passive_pages_max", sum(len(p) for p in self.passive.values()))
         self.rows = meta.rows
         self.step = meta.step
+
+    def _page_bytes(self) -> int:
+        """K/V bytes of one page of every layer: what a store or a recall copies."""
+        return sum(p[0].numel() * p.element_size() for p in self.pool.pages.values())
 
     def _side_states(self):
         """Each sparse layer's page summaries (side tensors with a row per block and host slot)."""
@@ -102,21 +123,28 @@ class OffloadStore:
     def plan_decode(self, block_table: torch.Tensor, slot_mapping: torch.Tensor, block_size: int,
                     max_pages: int) -> tuple[torch.Tensor, bool]:
         """The decode rows' block table with each passive page's entry pointing at its host slot
-        (num_blocks + slot: ids past the KV cache index the host pool), and whether any does.
-        The worker's block table is append-only and still holds the freed ids, so every decode row
-        must be known: a row this step's plan does not name is an error, not a guess."""
+        (num_blocks + slot: ids past the KV cache index the host pool) and each recalled page's at
+        its new block, and whether any row reads the host. The worker's block table is append-only
+        and still holds the freed ids, so every decode row must be known: a row this step's plan
+        does not name is an error, not a guess."""
         nd = block_table.shape[0]
         blocks = (slot_mapping[:nd] // block_size).tolist()
         self.row_reqs = [self.rows.get(b) for b in blocks]
-        if self.passive and None in self.row_reqs:
+        if (self.passive or self.recalled) and None in self.row_reqs:
             missing = [b for b, r in zip(blocks, self.row_reqs) if r is None]
             raise RuntimeError(f"sparsekv offload: decode rows writing blocks {missing} are not in the step's plan")
         self._selected = torch.zeros(nd, max_pages + 1, dtype=torch.int32, device=block_table.device)
         self._on_host = None
+        moved = [(i, self.recalled[r]) for i, r in enumerate(self.row_reqs) if self.recalled.get(r)]
         rows = [(i, self.passive[r]) for i, r in enumerate(self.row_reqs) if self.passive.get(r)]
-        if not rows:
+        if not rows and not moved:
             return block_table, False
         table = block_table.clone()
+        for i, recalled in moved:
+            table[i, torch.tensor(list(recalled), dtype=torch.long)] = torch.tensor(list(recalled.values()),
+                                                                                      dtype=table.dtype)
+        if not rows:
+            return table, False
         self._on_host = torch.zeros_like(self._selected, dtype=torch.bool)
         for i, passive in rows:
             pages = torch.tensor(list(passive), dtype=torch.long)
@@ -145,8 +173,9 @@ class OffloadStore:
             self._count_host_reads(int(self._on_host.gather(1, idx).sum()), hkv)
 
     def _count_host_reads(self, reads: int, hkv: int) -> None:
-        """The decode reads passive pages from the host at every step they are selected (no recall
-        yet), so these counters are the host traffic the capacity benchmark reports: `host_page_reads`
+        """The decode reads passive pages from the host at every step they are selected (until a
+        recall brings one back), so these counters and `recalled_bytes` are the host traffic the
+        capacity benchmark reports: `host_page_reads`
         counts (layer, KV head, page) reads, `host_read_bytes` their K and V bytes. Only selected pages
         count: a config that selects every page reports no selection, so nothing of it goes passive."""
         if reads:
