@@ -148,8 +148,8 @@ class _SchedulerSide:
         self.decoding: set[str] = set()  # requests whose sparse decode has reported since their (re)start
         self.restart: dict[str, int] = {}  # request -> step of its last preemption (older reports are stale)
         self.pending_drop: list[str] = []
-        self.recalled_slots: list[int] = []  # slots of the last plan's recalls: free once the worker loaded them
         self.pending_preempted: list[str] = []
+        self.recalled_slots: list[int] = []  # slots of the last plan's recalls: free once the worker loaded them
         self.step = 0
         self.full_logged = False
 

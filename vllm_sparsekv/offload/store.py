@@ -2,7 +2,7 @@
 
 One per worker process (`current()`), created by our connector's worker side. The metadata
 builder asks it where each decode row's pages live (`plan_decode`), the impl reads passive pages
-through `host_views` and reports what it selected (`note_selected`) for the LRU policy.
+through `host_views` and reports what it selected (`note_selected`) for the policies.
 """
 
 from __future__ import annotations
