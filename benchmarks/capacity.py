@@ -13,7 +13,8 @@ read the scheduler after every step: `running_max` is the most requests in vLLM'
 once. Per request, vLLM's RequestOutput metrics give TPOT (last minus first token time over
 output - 1); `decode_tok_s` is every request's decode tokens over the span from the first first token
 to the last token (so later waves' prefills fall inside it: that is what a capacity limit costs).
-`host_bytes_per_step` (pages copied to the host pool plus passive pages the decode read from it) and
+`host_bytes_per_step` (pages copied to the host pool and back by recalls, plus passive pages the decode
+read from it) and
 `recalls_per_step` (host page reads: one layer's page of one KV head) divide the passive store's
 counters by the engine steps that decoded. Rows (`ROW_KEYS`, plus the raw counters) go to
 benchmarks/results/capacity_<device>.json with command, device, versions and commit; a table is
@@ -45,7 +46,8 @@ ROW_KEYS = ("config", "device", "model", "method", "budget", "context", "kv_memo
             "recalls_per_step")
 # counters of the passive store (stats.snapshot()) kept in each row as they came
 COUNTERS = ("max_decode_rows", "offloaded_pages", "offloaded_bytes", "host_page_reads", "host_read_bytes",
-            "passive_pages_max", "offload_pool_full_pages", "preempted_with_passive_pages")
+            "recalled_pages", "recalled_bytes", "passive_pages_max", "offload_pool_full_pages",
+            "preempted_with_passive_pages")
 
 
 def config_names(cuda: bool) -> list[str]:
@@ -159,7 +161,7 @@ def build_row(name: str, raw: dict, meta: dict) -> dict:
     span = max(raw["last_token_ts"]) - min(raw["first_token_ts"])
     s = raw["stats"]
     steps = raw["decode_steps"] or 1
-    host_bytes = s.get("offloaded_bytes", 0) + s.get("host_read_bytes", 0)
+    host_bytes = s.get("offloaded_bytes", 0) + s.get("host_read_bytes", 0) + s.get("recalled_bytes", 0)
     sparse = meta["sparsekv"].get(name)
     row = {
         "config": name, "device": meta["device"], "model": meta["model"],

@@ -82,34 +82,48 @@ def test_decode_reads_a_passive_page_from_the_pool_exactly(seed_gen):
 # ---- the scheduler side, on a stand-in for vLLM's KV-cache manager --------------------------------
 class _Manager:
     """vLLM's single-group manager as far as the connector uses it (compat.request_block_ids,
-    compat.free_request_page); block 0 is the null block."""
+    compat.free_request_page, compat.allocate_request_page); block 0 is the null block, new
+    blocks come from 1000 on."""
 
     def __init__(self):
         self.req_to_blocks: dict[str, list] = {}
         self.freed: list[int] = []
+        self.free_blocks = 10
+        self.new_blocks: list[int] = []
 
     def _remove_blocks_in_range(self, rid, first, last):
         for i in range(first, last):
             self.freed.append(self.req_to_blocks[rid][i].block_id)
-            self.req_to_blocks[rid][i] = SimpleNamespace(block_id=0)
+            self.req_to_blocks[rid][i] = SimpleNamespace(block_id=0, is_null=True)
+
+    def get_num_free_blocks(self):
+        return self.free_blocks
+
+    def get_new_blocks(self, n):
+        self.free_blocks -= n
+        self.new_blocks += [1000 + len(self.new_blocks) + i for i in range(n)]
+        return [SimpleNamespace(block_id=b, is_null=False) for b in self.new_blocks[-n:]]
 
 
-def _side(slots=100, fraction=0.25, bs=16, sink=16, recent=32):
+def _side(slots=100, fraction=0.25, bs=16, sink=16, recent=32, usage=1.0, **offload):
+    """The scheduler side on a stand-in manager whose KV pool is `usage` full (vLLM's get_usage)."""
     from vllm_sparsekv.offload.connector import _SchedulerSide
 
     cfg = SparseKVConfig(dense_layers=[], sink_tokens=sink, recent_tokens=recent,
-                         offload={"enabled": True, "cpu_bytes": slots * 1000 * 2, "resident_fraction": fraction})
+                         offload={"enabled": True, "cpu_bytes": slots * 1000 * 2, "resident_fraction": fraction,
+                                  **offload})
     spec = SimpleNamespace(block_size=bs, page_size_bytes=1000)
     side = _SchedulerSide(cfg, SimpleNamespace(kv_cache_groups=[SimpleNamespace(kv_cache_spec=spec,
                                                                                  layer_names=["a", "b"])]))
     mgr = _Manager()
-    return side, mgr, SimpleNamespace(coordinator=SimpleNamespace(single_type_managers=(mgr,)))
+    mgr.get_usage = lambda: usage
+    return side, mgr, SimpleNamespace(coordinator=SimpleNamespace(single_type_managers=(mgr,)), block_pool=mgr)
 
 
 def _add(side, mgr, rid, seq_len, bs=16, first_block=1):
     """A decoding request whose next token is at position seq_len - 1."""
     pages = math.ceil(seq_len / bs)
-    mgr.req_to_blocks[rid] = [SimpleNamespace(block_id=first_block + i) for i in range(pages)]
+    mgr.req_to_blocks[rid] = [SimpleNamespace(block_id=first_block + i, is_null=False) for i in range(pages)]
     side.requests[rid] = SimpleNamespace(request_id=rid, num_computed_tokens=seq_len - 1)
 
 
@@ -118,10 +132,10 @@ def _step(side, kvm, rids, preempted=()):
                      kvm)
 
 
-def _report(side, step, selected):
+def _report(side, step, selected, counts=None):
     from vllm_sparsekv.offload.connector import SelectionReport
 
-    side.observe(SelectionReport(step, selected))
+    side.observe(SelectionReport(step, selected, counts or {}))
 
 
 def test_scheduler_frees_down_to_the_target_share_and_never_sink_or_recent_pages():
@@ -138,6 +152,78 @@ def test_scheduler_frees_down_to_the_target_share_and_never_sink_or_recent_pages
     assert sorted(mgr.freed) == sorted(b for _, _, b, _ in meta.store)  # their blocks went back to vLLM
     assert len({s for *_, s in meta.store}) == len(pages)
     assert _step(side, kvm, ["a"]).store == []  # at the target: nothing more
+
+
+def test_recall_promotes_a_page_read_from_the_host_k_of_n_steps_and_keeps_the_share():
+    side, mgr, kvm = _side(read_back="recall", recall_k=2, recall_window=3)
+    _add(side, mgr, "a", 40 * 16 - 5)
+    _report(side, 1, {"a": [0, 5, 39]})
+    meta = _step(side, kvm, ["a"])  # step 2: 30 pages go passive, page 5 (selected) not among them
+    passive = dict(side.passive["a"])
+    assert len(passive) == 30 and 5 not in passive and 6 in passive
+    _report(side, 2, {"a": [0, 6, 39]})
+    assert _step(side, kvm, ["a"]).load == []  # step 3: one host read of page 6 so far
+    _report(side, 3, {"a": [0, 6, 39]})
+    meta = _step(side, kvm, ["a"])  # step 4: read at 2 of the last 3 steps -> back into a block
+    assert meta.load == [("a", 6, passive[6], 1000)]
+    assert mgr.req_to_blocks["a"][6].block_id == 1000 and 6 not in side.passive["a"]
+    # the share is kept: another page went passive instead. The resident candidates were 5
+    # (selected at step 1) and 32-36 (never selected): lru takes 32. Page 6's slot stays taken
+    # until the next plan (the worker stores before it loads)
+    assert [p for _, p, _, _ in meta.store] == [32] and meta.store[0][3] != passive[6]
+    assert len(side.passive["a"]) == 30 and side.slots.num_free == side.slots.capacity - 31
+    _step(side, kvm, [])
+    assert side.slots.num_free == side.slots.capacity - 30
+    mgr.free_blocks = 0  # no free block: nothing comes back
+    _report(side, 4, {"a": [0, 7, 39]})
+    _report(side, 5, {"a": [0, 7, 39]})
+    assert _step(side, kvm, ["a"]).load == [] and 7 in side.passive["a"]
+    side.finished("a")  # vLLM frees the promoted block with the request's others; the slots come back
+    assert side.slots.num_free == side.slots.capacity and "a" not in side.recall.hits
+
+
+def test_the_worker_copies_a_recalled_page_back_and_points_the_table_at_its_new_block(seed_gen):
+    """Offload a page, let its block be reused, recall it into a block the same plan frees: the
+    stored page and the recalled one both keep their bytes and summaries, and the decode table
+    points at the new block."""
+    from types import SimpleNamespace as NS
+
+    from vllm_sparsekv import stats
+    from vllm_sparsekv.offload import store as store_mod
+    from vllm_sparsekv.offload.connector import OffloadStep
+
+    bs, hkv, d, blocks = 4, 2, 8, 20
+    cfg = SparseKVConfig(dense_layers=[], offload={"enabled": True, "cpu_bytes": 10 ** 6})
+    old = store_mod._current
+    try:
+        store = store_mod.OffloadStore(cfg, None)
+        kv = torch.randn(blocks, 2, bs, hkv, d, generator=seed_gen)
+        store.register({"l0": kv})
+        slots = store.pool.slots
+        summaries = torch.randn(blocks + slots, 3, generator=seed_gen)
+        store._side_states = lambda: iter([{"bounds": summaries}])
+        page, summary = kv[7].clone(), summaries[7].clone()
+        stats.reset()
+        store.apply(OffloadStep(1, slots, store=[("a", 2, 7, 3)], rows={5: "a"}))
+        kv[7] = float("nan")  # block 7 went back to vLLM and was written again
+        summaries[7] = float("nan")
+        page1, summary1 = kv[6].clone(), summaries[6].clone()
+        store.apply(OffloadStep(2, slots, load=[("a", 2, 3, 6)], store=[("a", 1, 6, 4)], rows={5: "a"}))
+        assert torch.equal(kv[6], page) and torch.equal(summaries[6], summary)
+        assert torch.equal(store.pool.pages["l0"][4], page1) and torch.equal(summaries[blocks + 4], summary1)
+        assert store.passive == {"a": {1: 4}} and store.recalled == {"a": {2: 6}}
+        table = torch.tensor([[4, 6, 7, 5]], dtype=torch.int32)
+        got, reads_host = store.plan_decode(table, torch.tensor([5 * bs + 1]), bs, 4, torch.empty_like(table), 1, 4)
+        assert reads_host and got.tolist() == [[4, blocks + 4, 6, 5]]
+        store.apply(OffloadStep(3, slots, store=[("a", 2, 6, 0)], rows={5: "a"}))  # passive again
+        assert store.recalled == {"a": {}} and store.passive == {"a": {1: 4, 2: 0}}
+        store.apply(OffloadStep(4, slots, preempted=["a"]))
+        assert store.passive == {} and store.recalled == {}
+        snap = stats.snapshot()
+        assert snap["recalled_pages"] == 1 and snap["recalled_bytes"] == kv[0].numel() * 4
+    finally:
+        store_mod._current = old
+        stats.reset()
 
 
 def test_lru_policy_takes_the_least_recently_selected_first():
@@ -240,11 +326,15 @@ def test_host_reads_count_the_selected_passive_pages_and_their_bytes():
         # row a, head 0: pages 1 (host), 2; head 1: 3 (host), 0 and a padded entry; row b: 2 | 0 (host)
         page_idx = torch.tensor([[[1, 2, -1], [3, 0, 4]], [[2, -1, -1], [0, 1, -1]]])
         store.note_selected(page_idx, num_selected=torch.tensor([[2, 2], [1, 2]]))
-        step, selected = store.take_selection()
-        assert selected == {"a": [0, 1, 2, 3], "b": [0, 1, 2]}
+        # a second layer (row a: page 1, host, in both heads): the report counts (layer, KV head)
+        # selections per page, and the host reads add up
+        store.note_selected(torch.tensor([[[1, -1, -1], [1, 2, -1]], [[4, -1, -1], [-1, -1, -1]]]))
+        assert store.take_selection() == (0, {"a": [0, 1, 2, 3], "b": [0, 1, 2, 4]},
+                                          {"a": [1, 3, 2, 1], "b": [1, 1, 1, 1]})
         snap = stats.snapshot()
-        assert snap["host_page_reads"] == 3
-        assert snap["host_read_bytes"] == 3 * 2 * bs * d * 4  # K and V of one head, float32
+        assert snap["host_page_reads"] == 5
+        assert snap["host_read_bytes"] == 5 * 2 * bs * d * 4  # K and V of one head, float32
+        assert store.take_selection() == (0, {}, {})  # cleared
     finally:
         store_mod._current = old
         stats.reset()

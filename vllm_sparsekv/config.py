@@ -47,10 +47,28 @@ class OffloadConfig(BaseModel):
     resident_fraction: float = 0.5
     """Share of a decoding request's pages kept in the KV cache, in (0, 1]; sink, recent and
     just-written pages always stay."""
-    policy: Literal["lru"] = "lru"
-    """Which pages go passive first: `lru` (least recently selected by any layer's decode)."""
-    read_back: Literal["host"] = "host"
-    """How the decode reads a passive page: `host` (straight from the host pool, no recall)."""
+    policy: Literal["lru", "atskv"] = "lru"
+    """Which pages go passive first: `lru` (least recently selected by any layer's decode) or
+    `atskv` (least relevant first, by a learned predictor over the selection history, fewer while
+    vLLM has free blocks; README, "Passive store")."""
+    relevance_weights: str | None = None
+    """`atskv`: the predictor's weights, a JSON file from `sparsekv train-relevance`. Unset: the
+    hand-set weights."""
+    threshold_beta: float = 1.0
+    """`atskv`: beta of the threshold tau = beta * quantile(relevance, q); > 0. Below 1 moves fewer
+    pages than the target share asks for."""
+    free_target: float = 0.0
+    """`atskv`: share of vLLM's KV blocks, in [0, 0.5], under which memory pressure is full (every
+    request goes to its target share); pressure falls to 0 at twice this share free. `0`: always
+    full, like `lru`."""
+    read_back: Literal["host", "recall"] = "host"
+    """How the decode reads a passive page: `host` (straight from the host pool at every step it is
+    selected) or `recall` (also straight from the pool, until it was read at `recall_k` of the last
+    `recall_window` steps: then it goes back into a KV block)."""
+    recall_k: int = 8
+    """`read_back: recall`: host reads, within the window, that bring a page back; >= 1."""
+    recall_window: int = 16
+    """`read_back: recall`: the window, in steps; >= recall_k."""
 
     @field_validator("cpu_bytes")
     @classmethod
@@ -65,6 +83,55 @@ class OffloadConfig(BaseModel):
         if not (0.0 < v <= 1.0):
             raise ValueError(f"must be in (0, 1], got {v}")
         return v
+
+    @field_validator("threshold_beta")
+    @classmethod
+    def _beta(cls, v: float) -> float:
+        if not v > 0:
+            raise ValueError(f"must be > 0, got {v}")
+        return v
+
+    @field_validator("free_target")
+    @classmethod
+    def _free_target(cls, v: float) -> float:
+        if not (0.0 <= v <= 0.5):
+            raise ValueError(f"must be in [0, 0.5], got {v}")
+        return v
+
+    @field_validator("relevance_weights")
+    @classmethod
+    def _weights(cls, v: str | None) -> str | None:
+        if v is not None:
+            from vllm_sparsekv.offload.policy import load_relevance_weights
+
+            load_relevance_weights(v)  # read at startup: a bad file fails here, not at the first offload
+        return v
+
+    @field_validator("recall_k")
+    @classmethod
+    def _recall_k(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"must be >= 1, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _knobs_of_their_choice(self) -> OffloadConfig:
+        fields = type(self).model_fields
+
+        def changed(*names: str) -> list[str]:  # not fields_set: a dump round-trips
+            return sorted(k for k in names if getattr(self, k) != fields[k].default)
+
+        knobs = changed("relevance_weights", "threshold_beta", "free_target")
+        if self.policy != "atskv" and knobs:
+            raise ValueError(f"{', '.join(knobs)}: only used by policy 'atskv' (policy is {self.policy!r}); "
+                             "allowed policies: lru, atskv")
+        knobs = changed("recall_k", "recall_window")
+        if self.read_back != "recall" and knobs:
+            raise ValueError(f"{', '.join(knobs)}: only used by read_back 'recall' (read_back is "
+                             f"{self.read_back!r}); allowed: host, recall")
+        if self.recall_window < self.recall_k:
+            raise ValueError(f"recall_window must be >= recall_k ({self.recall_k}), got {self.recall_window}")
+        return self
 
 
 class SparseKVConfig(BaseModel):

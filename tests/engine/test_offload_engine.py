@@ -1,8 +1,8 @@
 """The passive store inside vLLM (SmolLM2, greedy; CPU float32, or CUDA fp16 with FULL decode graphs
 and 32-token pages, as on CPU): in a small KV space more
 requests decode at once with offload on, the answers stay token for token those of sparsekv without
-offload, and abort, preemption, prefix-cache hits on freed blocks and a full host pool lose no
-request and leak no block or slot."""
+offload, and abort, preemption, prefix-cache hits on freed blocks, a full host pool and recalls
+lose no request and leak no block or slot."""
 
 import os
 
@@ -25,8 +25,9 @@ PAGE_BYTES = 30 * 3 * 32 * 2 * 64 * (2 if ON_CUDA else 4)
 LLM_KW = {"block_size": 32, "async_scheduling": False} if ON_CUDA else {}
 
 
-def offload(slots: int) -> dict:
-    return {**SPARSE, "offload": {"enabled": True, "cpu_bytes": slots * PAGE_BYTES, "resident_fraction": 0.25}}
+def offload(slots: int, **extra) -> dict:
+    return {**SPARSE, "offload": {"enabled": True, "cpu_bytes": slots * PAGE_BYTES, "resident_fraction": 0.25,
+                                  **extra}}
 
 
 @pytest.fixture(scope="module")
@@ -61,10 +62,13 @@ def test_offload_runs_more_requests_at_once_with_the_same_answers(smollm2_path, 
 
 
 def test_abort_preemption_prefix_hits_and_a_full_pool_lose_no_request(smollm2_path, prompts, without_offload):
-    got = run_engine({"model": smollm2_path, "sparsekv": offload(slots=12), "prompts": prompts,
-                      "first_max_tokens": 32, **ENGINE,
+    """With `read_back: recall` (a page read from the host at 2 of the last 4 steps goes back into a
+    block), so that promoted blocks too must come back at finish, abort and preemption."""
+    got = run_engine({"model": smollm2_path, "prompts": prompts, "first_max_tokens": 32, **ENGINE,
+                      "sparsekv": offload(slots=12, read_back="recall", recall_k=2, recall_window=4),
                       "llm": LLM_KW}, script=LIFECYCLE)
     s = got["stats"]
+    assert s["recalled_pages"] > 0 and s["host_page_reads"] > 0  # both read paths ran
     assert got["aborted"] == ["1"]  # aborted while it held passive pages
     assert got["passive_at_preemption"] > 0 and s["preempted_with_passive_pages"] >= 1
     assert s["offload_pool_full_pages"] > 0  # the pool filled; those pages stayed in the KV cache

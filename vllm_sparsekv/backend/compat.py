@@ -286,3 +286,24 @@ def free_request_page(kv_cache_manager, req_id: str, page: int) -> None:
     as sliding windows drop their out-of-window blocks (vLLM's private `_remove_blocks_in_range`,
     the same in 0.32 and 0.33). A block another request shares (prefix cache) only loses a ref."""
     _attention_manager(kv_cache_manager)._remove_blocks_in_range(req_id, page, page + 1)
+
+
+def allocate_request_page(kv_cache_manager, req_id: str, page: int) -> int | None:
+    """Put a fresh block from vLLM's pool at logical `page` of a request (which holds the null
+    block there since `free_request_page`) and return its id; None when no block is free. vLLM
+    frees it with the request's other blocks (finish, abort, preemption). It carries no block
+    hash, so it serves no prefix-cache hit."""
+    blocks = _attention_manager(kv_cache_manager).req_to_blocks[req_id]
+    if not blocks[page].is_null:
+        raise RuntimeError(f"sparsekv offload: page {page} of {req_id} holds block {blocks[page].block_id}, not the null block")
+    pool = kv_cache_manager.block_pool
+    if pool.get_num_free_blocks() < 1:
+        return None
+    blocks[page] = pool.get_new_blocks(1)[0]
+    return blocks[page].block_id
+
+
+def free_block_share(kv_cache_manager) -> float:
+    """Share of vLLM's KV blocks that are free (the null block not counted): the memory pressure
+    atskv's threshold follows."""
+    return 1.0 - kv_cache_manager.block_pool.get_usage()

@@ -24,7 +24,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm_sparsekv.backend import compat
 from vllm_sparsekv.config import load_config
 from vllm_sparsekv.offload import store as store_mod
-from vllm_sparsekv.offload.policy import make_policy
+from vllm_sparsekv.offload.policy import RecallRule, make_policy
 from vllm_sparsekv.offload.pool import SlotAllocator, num_slots
 
 logger = logging.getLogger("vllm.sparsekv")
@@ -39,22 +39,32 @@ class OffloadStep(KVConnectorMetadata):
     drop: list[str] = field(default_factory=list)  # finished / aborted: forget their pages
     preempted: list[str] = field(default_factory=list)  # recompute from the prompt: forget their pages
     store: list[tuple[str, int, int, int]] = field(default_factory=list)  # (request, page, block, slot)
+    load: list[tuple[str, int, int, int]] = field(default_factory=list)  # recalls: (request, page, slot, block)
     rows: dict[int, str] = field(default_factory=dict)  # block this step writes -> request (1-token rows)
     kept_for_lack_of_slots: int = 0
 
 
 @dataclass
 class SelectionReport(KVConnectorWorkerMetadata):
-    """Worker -> scheduler: the pages each decoding request selected in a step (any layer or head)."""
+    """Worker -> scheduler: the pages each decoding request selected in a step (any layer or head),
+    ascending, and per page how many (layer, KV head) pairs selected it (`counts`, same order)."""
 
     step: int
     selected: dict[str, list[int]]
+    counts: dict[str, list[int]] = field(default_factory=dict)
 
-    def aggregate(self, other: SelectionReport) -> SelectionReport:  # tensor-parallel workers
-        merged = {r: sorted(set(p) | set(other.selected.get(r, ()))) for r, p in self.selected.items()}
-        for r, p in other.selected.items():
-            merged.setdefault(r, p)
-        return SelectionReport(max(self.step, other.step), merged)
+    def page_counts(self, rid: str) -> dict[int, int]:
+        return dict(zip(self.selected[rid], self.counts.get(rid) or [1] * len(self.selected[rid])))
+
+    def aggregate(self, other: SelectionReport) -> SelectionReport:  # tensor-parallel workers: their heads add up
+        merged: dict[str, dict[int, int]] = {}
+        for rep in (self, other):
+            for rid in rep.selected:
+                acc = merged.setdefault(rid, {})
+                for p, c in rep.page_counts(rid).items():
+                    acc[p] = acc.get(p, 0) + c
+        return SelectionReport(max(self.step, other.step), {r: sorted(m) for r, m in merged.items()},
+                               {r: [m[p] for p in sorted(m)] for r, m in merged.items()})
 
 
 class SparseKVOffloadConnector(KVConnectorBase_V1):
@@ -103,8 +113,8 @@ class SparseKVOffloadConnector(KVConnectorBase_V1):
             self.worker_side.apply(kv_connector_metadata)
 
     def build_connector_worker_meta(self) -> SelectionReport | None:
-        step, selected = self.worker_side.take_selection()
-        return SelectionReport(step, selected) if selected else None
+        step, selected, counts = self.worker_side.take_selection()
+        return SelectionReport(step, selected, counts) if selected else None
 
     def start_load_kv(self, forward_context, **kwargs) -> None:
         pass
@@ -130,13 +140,16 @@ class _SchedulerSide:
         self.sink = cfg.sink_pages(bs)
         self.recent = cfg.recent_pages(bs)
         self.slots = SlotAllocator(num_slots(cfg.offload.cpu_bytes, spec.page_size_bytes, len(group.layer_names)))
-        self.policy = make_policy(cfg.offload.policy)
+        self.policy = make_policy(cfg.offload)
+        off = cfg.offload
+        self.recall = RecallRule(off.recall_k, off.recall_window) if off.read_back == "recall" else None
         self.requests: dict[str, Any] = {}
         self.passive: dict[str, dict[int, int]] = {}  # request -> logical page -> host slot
         self.decoding: set[str] = set()  # requests whose sparse decode has reported since their (re)start
         self.restart: dict[str, int] = {}  # request -> step of its last preemption (older reports are stale)
         self.pending_drop: list[str] = []
         self.pending_preempted: list[str] = []
+        self.recalled_slots: list[int] = []  # slots of the last plan's recalls: free once the worker loaded them
         self.step = 0
         self.full_logged = False
 
@@ -144,10 +157,13 @@ class _SchedulerSide:
         self.step += 1
         meta = OffloadStep(self.step, self.slots.capacity, drop=self.pending_drop, preempted=self.pending_preempted)
         self.pending_drop, self.pending_preempted = [], []
+        self.slots.give_back(self.recalled_slots)  # the worker ran the last plan's loads
+        self.recalled_slots = []
         for rid in getattr(so, "preempted_req_ids", None) or ():
             self._preempted(rid)
             meta.preempted.append(rid)
         bs = self.block_size
+        free_share = compat.free_block_share(kv_cache_manager)  # after this step's allocations
         for rid, n in so.num_scheduled_tokens.items():
             req = self.requests.get(rid)
             if n != 1 or req is None:
@@ -158,15 +174,40 @@ class _SchedulerSide:
                 continue
             meta.rows[ids[pos // bs]] = rid
             if rid in self.decoding:
-                self._offload(rid, ids, pos + 1, kv_cache_manager, meta)
+                back = self._promote(rid, kv_cache_manager, meta)
+                if back:
+                    ids = compat.request_block_ids(kv_cache_manager, rid)
+                self._offload(rid, ids, pos + 1, kv_cache_manager, meta, free_share, back)
         return meta
 
-    def _offload(self, rid: str, ids: list[int], seq_len: int, kv_cache_manager, meta: OffloadStep) -> None:
+    def _promote(self, rid: str, kv_cache_manager, meta: OffloadStep) -> list[int]:
+        """`read_back: recall`: the passive pages of `rid` the rule names get a fresh block (while
+        vLLM has one free) and leave the host pool. The worker copies them back before the step's
+        decode and after the step's stores, since the fresh block may be one that a store of this
+        plan freed; for the same reason their slots are given back only at the next plan."""
+        if self.recall is None:
+            return []
+        passive = self.passive.get(rid, {})
+        back = []
+        for p in self.recall.due(rid, self.step):
+            block = compat.allocate_request_page(kv_cache_manager, rid, p)
+            if block is None:
+                break
+            slot = passive.pop(p)
+            meta.load.append((rid, p, slot, block))
+            self.recalled_slots.append(slot)
+            back.append(p)
+        self.recall.promoted(rid, back)
+        return back
+
+    def _offload(self, rid: str, ids: list[int], seq_len: int, kv_cache_manager, meta: OffloadStep,
+                 free_share: float, promoted: list[int]) -> None:
         """Free blocks of `rid` until it holds its target share: never sink or recent pages, nor the
-        page before the recent ones (it was written a step ago)."""
+        page before the recent ones (it was written a step ago), nor a page promoted this step."""
         pages = math.ceil(seq_len / self.block_size)
         passive = self.passive.setdefault(rid, {})
-        candidates = [p for p in range(self.sink, pages - self.recent - 1) if p not in passive and ids[p] != 0]
+        candidates = [p for p in range(self.sink, pages - self.recent - 1)
+                      if p not in passive and ids[p] != 0 and p not in promoted]
         want = min(len(candidates), pages - len(passive) - math.ceil(self.fraction * pages))
         if want <= 0:
             return
@@ -177,7 +218,7 @@ class _SchedulerSide:
                                "stay in the KV cache until requests finish", self.slots.capacity)
                 self.full_logged = True
             want = self.slots.num_free
-        for p in self.policy.choose(rid, candidates, want):
+        for p in self.policy.choose(rid, candidates, want, pages, free_share):
             slot = self.slots.take()
             meta.store.append((rid, p, ids[p], slot))
             passive[p] = slot
@@ -201,7 +242,10 @@ class _SchedulerSide:
         for rid, pages in report.selected.items():
             if rid in self.requests and report.step > self.restart.get(rid, 0):
                 self.decoding.add(rid)
-                self.policy.observe(rid, pages, report.step)
+                self.policy.observe(rid, pages, report.step, report.counts.get(rid))
+                if self.recall is not None:
+                    passive = self.passive.get(rid, {})
+                    self.recall.note(rid, [p for p in pages if p in passive], report.step)
 
     def finished(self, rid: str) -> None:
         self._release(rid)
@@ -213,3 +257,5 @@ class _SchedulerSide:
         self.slots.give_back(self.passive.pop(rid, {}).values())
         self.decoding.discard(rid)
         self.policy.forget(rid)
+        if self.recall is not None:
+            self.recall.forget(rid)

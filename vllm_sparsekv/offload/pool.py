@@ -84,6 +84,7 @@ def _align(nbytes: int) -> int:
 
 def store_side_state(side: dict[str, torch.Tensor], blocks: torch.Tensor, rows: torch.Tensor) -> None:
     """Copy a layer's page summaries (side tensors [num_blocks + slots, ...]) of `blocks` into the
-    rows that stand for the host slots, so scoring still sees every page of the context."""
+    rows that stand for the host slots, so scoring still sees every page of the context; a recall
+    copies the other way (host rows into the new blocks' rows)."""
     for tensor in side.values():
         tensor.index_copy_(0, rows.to(tensor.device), tensor.index_select(0, blocks.to(tensor.device)))

@@ -2,7 +2,7 @@
 
 One per worker process (`current()`), created by our connector's worker side. The metadata
 builder asks it where each decode row's pages live (`plan_decode`), the impl reads passive pages
-through `host_views` and reports what it selected (`note_selected`) for the LRU policy.
+through `host_views` and reports what it selected (`note_selected`) for the policies.
 """
 
 from __future__ import annotations
@@ -40,12 +40,14 @@ class OffloadStore:
         self.kv_caches: dict[str, torch.Tensor] = {}
         self.num_blocks = 0
         self.passive: dict[str, dict[int, int]] = {}  # residency: request -> logical page -> host slot
+        self.recalled: dict[str, dict[int, int]] = {}  # request -> logical page -> its block since a recall
         self.rows: dict[int, str] = {}  # this step: block being written -> request
         self.step = 0
         self.row_reqs: list[str | None] = []  # this step's decode rows, in batch order
         # Per-step state the decode writes, in buffers allocated once (CUDA graphs capture their
-        # addresses); views of this step's rows: pages selected by any layer [rows, max_pages + 1]
-        # (the last column takes the padding), which of them are passive, and the host reads.
+        # addresses); views of this step's rows: per page, how many (layer, KV head) pairs selected
+        # it [rows, max_pages + 1] int32 (the last column takes the padding), which pages are
+        # passive, and the host reads.
         self._selected_buf: torch.Tensor | None = None
         self._on_host_buf: torch.Tensor | None = None
         self._host_reads: torch.Tensor | None = None
@@ -66,13 +68,17 @@ class OffloadStore:
 
     def apply(self, meta) -> None:
         """The step's plan from the scheduler, before any KV write of the step: forget finished
-        requests, copy the pages it made passive (their blocks are free from now on)."""
+        requests, copy the pages it made passive (their blocks are free from now on), then copy
+        recalled pages back into their new blocks. Stores go first: a recall's new block may be a
+        block this plan freed (the scheduler keeps a recalled page's slot until the next plan)."""
         if self.pool is None or meta.num_slots != self.pool.slots:
             raise RuntimeError(f"sparsekv offload: scheduler and worker disagree on the host pool "
                                f"({meta.num_slots} vs {None if self.pool is None else self.pool.slots} slots)")
         for rid in meta.drop:
             self.passive.pop(rid, None)
+            self.recalled.pop(rid, None)
         for rid in meta.preempted:
+            self.recalled.pop(rid, None)
             if self.passive.pop(rid, None):
                 stats.bump("preempted_with_passive_pages")
         if meta.store:
@@ -84,14 +90,30 @@ class OffloadStore:
                 store_side_state(side, blocks_t, slots_t + self.num_blocks)
             for rid, page, slot in zip(rids, pages, slots):
                 self.passive.setdefault(rid, {})[page] = slot
+                self.recalled.get(rid, {}).pop(page, None)
             stats.bump("offloaded_pages", len(meta.store))
-            stats.bump("offloaded_bytes", len(meta.store) * sum(p[0].numel() * p.element_size()
-                                                                for p in self.pool.pages.values()))
+            stats.bump("offloaded_bytes", len(meta.store) * self._page_bytes())
+        if meta.load:
+            rids, pages, slots, blocks = zip(*meta.load)
+            slots_t = torch.tensor(slots, dtype=torch.long)
+            blocks_t = torch.tensor(blocks, dtype=torch.long)
+            self.pool.load(self.kv_caches, slots_t, blocks_t)
+            for side in self._side_states():
+                store_side_state(side, slots_t + self.num_blocks, blocks_t)
+            for rid, page, block in zip(rids, pages, blocks):
+                del self.passive[rid][page]
+                self.recalled.setdefault(rid, {})[page] = block
+            stats.bump("recalled_pages", len(meta.load))
+            stats.bump("recalled_bytes", len(meta.load) * self._page_bytes())
         if meta.kept_for_lack_of_slots:
             stats.bump("offload_pool_full_pages", meta.kept_for_lack_of_slots)
         stats.peak("passive_pages_max", sum(len(p) for p in self.passive.values()))
         self.rows = meta.rows
         self.step = meta.step
+
+    def _page_bytes(self) -> int:
+        """K/V bytes of one page of every layer: what a store or a recall copies."""
+        return sum(p[0].numel() * p.element_size() for p in self.pool.pages.values())
 
     def _side_states(self):
         """Each sparse layer's page summaries (side tensors with a row per block and host slot)."""
@@ -110,20 +132,21 @@ class OffloadStore:
                     max_pages: int, table_out: torch.Tensor, max_rows: int, max_cols: int) -> tuple[torch.Tensor, bool]:
         """The decode rows' block table, written into `table_out` (the builder's buffer), with each
         passive page's entry pointing at its host slot (num_blocks + slot: ids past the KV cache
-        index the host pool), and whether any does. The worker's block table is append-only and
-        still holds the freed ids, so every decode row must be known: a row this step's plan does
-        not name is an error, not a guess (padded rows of a CUDA-graph batch write no slot).
-        `max_rows` x `max_cols` sizes the per-step buffers once."""
+        index the host pool) and each recalled page's at its new block, and whether any row reads
+        the host. The worker's block table is append-only and still holds the freed ids, so every
+        decode row must be known: a row this step's plan does not name is an error, not a guess
+        (padded rows of a CUDA-graph batch write no slot). `max_rows` x `max_cols` sizes the
+        per-step buffers once."""
         nd = block_table.shape[0]
         blocks = (slot_mapping[:nd] // block_size).tolist()
         self.row_reqs = [self.rows.get(b) for b in blocks]
         missing = [b for b, r in zip(blocks, self.row_reqs) if r is None and b >= 0]
-        if self.passive and missing:
+        if (self.passive or self.recalled) and missing:
             raise RuntimeError(f"sparsekv offload: decode rows writing blocks {missing} are not in the step's plan")
         if self._selected_buf is None:
             dev = block_table.device
-            self._selected_buf = torch.zeros(max_rows, max_cols + 1, dtype=torch.bool, device=dev)
-            self._on_host_buf = torch.zeros_like(self._selected_buf)
+            self._selected_buf = torch.zeros(max_rows, max_cols + 1, dtype=torch.int32, device=dev)
+            self._on_host_buf = torch.zeros(max_rows, max_cols + 1, dtype=torch.bool, device=dev)
             self._host_reads = torch.zeros(1, dtype=torch.int64, device=dev)
         self._selected = self._selected_buf[:nd, : max_pages + 1]
         self._on_host = self._on_host_buf[:nd, : max_pages + 1]
@@ -131,6 +154,11 @@ class OffloadStore:
         self._on_host.zero_()
         table = table_out[:nd]
         table.copy_(block_table)
+        for i, r in enumerate(self.row_reqs):
+            if self.recalled.get(r):
+                recalled = self.recalled[r]
+                table[i, torch.tensor(list(recalled), dtype=torch.long, device=table.device)] = torch.tensor(
+                    list(recalled.values()), dtype=table.dtype, device=table.device)
         rows = [(i, self.passive[r]) for i, r in enumerate(self.row_reqs) if self.passive.get(r)]
         for i, passive in rows:
             pages = torch.tensor(list(passive), dtype=torch.long)
@@ -145,8 +173,10 @@ class OffloadStore:
 
     def note_selected(self, page_idx: torch.Tensor, num_selected: torch.Tensor | None = None) -> None:
         """A layer's selection [rows, Hkv, K] (-1 padded; only the first num_selected [rows, Hkv]
-        count): kept as the step's union per row, and its passive pages counted as host reads.
-        Device ops only, into the step's buffers (graph-safe)."""
+        count): added to the step's per-row count of (layer, KV head) selections of each page, whose
+        nonzero entries are the union the policies see and whose values are one of atskv's features;
+        its passive pages are counted as host reads. Device ops only, into the step's buffers
+        (graph-safe)."""
         sel = self._selected
         if sel is None or page_idx.shape[0] != sel.shape[0]:
             return
@@ -155,12 +185,13 @@ class OffloadStore:
             idx = idx.masked_fill(torch.arange(idx.shape[2], device=idx.device) >= num_selected[..., None], -1)
         self._kv_heads = idx.shape[1]
         idx = torch.where(idx >= 0, idx, sel.shape[1] - 1).reshape(idx.shape[0], -1)
-        sel.scatter_(1, idx, True)
+        sel.scatter_add_(1, idx, torch.ones_like(idx, dtype=sel.dtype))
         self._host_reads += self._on_host.gather(1, idx).sum()
 
     def _count_host_reads(self) -> None:
-        """The decode reads passive pages from the host at every step they are selected (no recall
-        yet), so these counters are the host traffic the capacity benchmark reports: `host_page_reads`
+        """The decode reads passive pages from the host at every step they are selected (until a
+        recall brings one back), so these counters and `recalled_bytes` are the host traffic the
+        capacity benchmark reports: `host_page_reads`
         counts (layer, KV head, page) reads, `host_read_bytes` their K and V bytes. Only selected pages
         count: a config that selects every page reports no selection, so nothing of it goes passive."""
         reads = int(self._host_reads.item())
@@ -170,12 +201,17 @@ class OffloadStore:
             stats.bump("host_page_reads", reads)
             stats.bump("host_read_bytes", reads * pages[0].numel() * pages.element_size() // self._kv_heads)
 
-    def take_selection(self) -> tuple[int, dict[str, list[int]]]:
-        """(step, request -> selected pages) of the step just run (after its decode), then cleared."""
+    def take_selection(self) -> tuple[int, dict[str, list[int]], dict[str, list[int]]]:
+        """(step, request -> selected pages, request -> their (layer, KV head) selection counts) of
+        the step just run (after its decode), then cleared."""
         sel, self._selected = self._selected, None
         if sel is None:
-            return self.step, {}
+            return self.step, {}, {}
         self._count_host_reads()
         rows = sel[:, :-1].cpu()
-        return self.step, {r: rows[i].nonzero().flatten().tolist() for i, r in enumerate(self.row_reqs)
-                           if r is not None}
+        pages, counts = {}, {}
+        for i, r in enumerate(self.row_reqs):
+            if r is not None:
+                nz = rows[i].nonzero().flatten()
+                pages[r], counts[r] = nz.tolist(), rows[i, nz].tolist()
+        return self.step, pages, counts

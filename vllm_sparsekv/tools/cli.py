@@ -7,7 +7,7 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vllm_sparsekv.tools import profile_heads, train_hash
+    from vllm_sparsekv.tools import profile_heads, train_hash, train_relevance
     from vllm_sparsekv.tools.eval_cli import add_eval_parser
 
     parser = argparse.ArgumentParser(prog="sparsekv", description="vllm-sparsekv tools")
@@ -15,6 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     profile_heads.add_profile_parser(sub)
     train_hash.add_parser(sub)
+    train_relevance.add_parser(sub)
     return parser
 
 
