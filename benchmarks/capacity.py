@@ -51,7 +51,7 @@ COUNTERS = ("max_decode_rows", "offloaded_pages", "offloaded_bytes", "host_page_
 
 
 def config_names(cuda: bool) -> list[str]:
-    return ["dense_fa3" if cuda else "dense", "sparsekv", "sparsekv_offload"]
+    return ["dense_fa3" if cuda else "dense", "sparsekv", "sparsekv_offload", "sparsekv_offload_recall"]
 
 
 def sparse_config(name: str, a) -> dict | None:
@@ -60,8 +60,9 @@ def sparse_config(name: str, a) -> dict | None:
         return None
     cfg = {"method": "quest", "token_budget": a.budget, "sink_tokens": a.sink_tokens,
            "recent_tokens": a.recent_tokens, "dense_layers": []}
-    if name == "sparsekv_offload":
-        cfg["offload"] = {"enabled": True, "cpu_bytes": a.cpu_bytes, "resident_fraction": a.resident_fraction}
+    if name.startswith("sparsekv_offload"):  # _recall: passive pages read often go back into KV blocks
+        cfg["offload"] = {"enabled": True, "cpu_bytes": a.cpu_bytes, "resident_fraction": a.resident_fraction,
+                          **({"read_back": "recall"} if name.endswith("_recall") else {})}
     return cfg
 
 
