@@ -54,15 +54,22 @@ def config_names(cuda: bool) -> list[str]:
     return ["dense_fa3" if cuda else "dense", "sparsekv", "sparsekv_offload", "sparsekv_offload_recall"]
 
 
+OFFLOAD_VARIANTS = {"atskv": {"policy": "atskv"}, "recall": {"read_back": "recall"}}
+"""`sparsekv_offload_<variant>[_<variant>]` configs: the passive store with these settings changed."""
+
+
 def sparse_config(name: str, a) -> dict | None:
     """The `sparsekv` section of a configuration (None: the device's stock dense backend)."""
     if name.startswith("dense"):
         return None
     cfg = {"method": "quest", "token_budget": a.budget, "sink_tokens": a.sink_tokens,
            "recent_tokens": a.recent_tokens, "dense_layers": []}
-    if name.startswith("sparsekv_offload"):  # _recall: passive pages read often go back into KV blocks
-        cfg["offload"] = {"enabled": True, "cpu_bytes": a.cpu_bytes, "resident_fraction": a.resident_fraction,
-                          **({"read_back": "recall"} if name.endswith("_recall") else {})}
+    if name.startswith("sparsekv_offload"):
+        cfg["offload"] = {"enabled": True, "cpu_bytes": a.cpu_bytes, "resident_fraction": a.resident_fraction}
+        for variant in filter(None, name.removeprefix("sparsekv_offload").split("_")):
+            if variant not in OFFLOAD_VARIANTS:
+                raise SystemExit(f"unknown config {name!r}: offload variants are {', '.join(OFFLOAD_VARIANTS)}")
+            cfg["offload"].update(OFFLOAD_VARIANTS[variant])
     return cfg
 
 
@@ -188,19 +195,19 @@ def compare(rows: list[dict]) -> list[dict]:
             r["running_vs_dense"] = round(r["running_max"] / dense["running_max"], 2)
         if dense and dense["decode_tok_s"] and r["decode_tok_s"]:
             r["decode_vs_dense"] = round(r["decode_tok_s"] / dense["decode_tok_s"], 2)
-        if r["config"] == "sparsekv_offload" and sparse:
+        if r["config"].startswith("sparsekv_offload") and sparse:
             r["same_tokens_as_sparsekv"] = sum(a == b for a, b in zip(r["tokens_sha1"], sparse["tokens_sha1"]))
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
-    head = (f"{'config':17} {'budget':>6} {'ctx':>6} {'KV MiB':>7} {'req':>4} {'running':>7} {'xdense':>6} "
+    head = (f"{'config':28} {'budget':>6} {'ctx':>6} {'KV MiB':>7} {'req':>4} {'running':>7} {'xdense':>6} "
             f"{'preempt':>7} {'dec tok/s':>9} {'xdense':>6} {'TPOT p50':>8} {'p99 ms':>7} {'host B/step':>11} "
             f"{'reads/step':>10}")
     lines = [head]
     for r in rows:
         lines.append(
-            f"{r['config']:17} {r['budget'] or '-':>6} {r['context']:>6} {r['kv_memory_bytes'] / 2**20:>7.1f} "
+            f"{r['config']:28} {r['budget'] or '-':>6} {r['context']:>6} {r['kv_memory_bytes'] / 2**20:>7.1f} "
             f"{r['requests']:>4} {r['running_max']:>7} {r.get('running_vs_dense', 0):>6.2f} {r['preemptions']:>7} "
             f"{r['decode_tok_s'] or 0:>9.1f} {r.get('decode_vs_dense', 0):>6.2f} {r['tpot_p50_ms']:>8.1f} "
             f"{r['tpot_p99_ms']:>7.1f} {r['host_bytes_per_step']:>11} {r['recalls_per_step']:>10}")
@@ -211,7 +218,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="model folder (default: SmolLM2, vllm_sparsekv.models)")
     ap.add_argument("--llama8b-dummy", action="store_true", help="a Llama-3-8B-shaped config, dummy weights")
-    ap.add_argument("--configs", default=None, help="default: the device's dense, sparsekv, sparsekv_offload")
+    ap.add_argument("--configs", default=None, help="default: the device's dense, sparsekv, sparsekv_offload, "
+                    "sparsekv_offload_recall; also sparsekv_offload_atskv, sparsekv_offload_atskv_recall")
     ap.add_argument("--requests", type=int, default=8)
     ap.add_argument("--context", type=int, default=1024, help="prompt tokens per request")
     ap.add_argument("--output", type=int, default=32, help="tokens generated per request")

@@ -76,6 +76,10 @@ def test_the_configs_and_the_kv_memory_per_device(cap, tmp_path):
     assert cap.sparse_config("dense_fa3", _args()) is None
     assert "offload" not in cap.sparse_config("sparsekv", _args())
     assert cap.sparse_config("sparsekv_offload", _args())["offload"]["enabled"]
+    both = cap.sparse_config("sparsekv_offload_atskv_recall", _args())["offload"]
+    assert both["policy"] == "atskv" and both["read_back"] == "recall" and both["resident_fraction"] == 0.25
+    with pytest.raises(SystemExit, match="offload variants are atskv, recall"):
+        cap.sparse_config("sparsekv_offload_belady", _args())
     assert cap.sparse_config("sparsekv", _args())["dense_layers"] == []
     (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": 30, "num_attention_heads": 9,
                                                       "num_key_value_heads": 3, "hidden_size": 576}))

@@ -238,6 +238,10 @@ def test_weights_from_another_feature_set_are_refused(tmp_path):
     bad.write_text(json.dumps({"format": "sparsekv-relevance/1", "features": ["recency"], "weights": [1], "bias": 0}))
     with pytest.raises(SparseKVConfigError, match="rerun `sparsekv train-relevance`"):
         load_config({"sparsekv": {"offload": {"policy": "atskv", "relevance_weights": str(bad)}}})
+    bad.write_text(json.dumps({"format": "sparsekv-relevance/1", "features": list(FEATURES),
+                               "weights": ["x"] * len(FEATURES), "bias": 0}))
+    with pytest.raises(SparseKVConfigError, match="relevance_weights: .* weights must be 6 finite numbers"):
+        load_config({"sparsekv": {"offload": {"policy": "atskv", "relevance_weights": str(bad)}}})
 
 
 def test_selection_reports_of_tensor_parallel_workers_add_their_counts():

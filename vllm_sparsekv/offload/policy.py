@@ -66,8 +66,8 @@ first reported if never), `frequency` (steps selected / steps reported since it 
 EMA_DECAY = 0.8
 RECENCY_STEPS = 8.0
 # Hand-set: how many layers and heads keep picking a page (share_ema) says most; being picked at
-# all, lately or often breaks the ties among pages few heads pick. Chosen on the train split of
-# the recorded traces only (benchmarks/offload_policy.py); the test split is held out.
+# all, lately or often breaks the ties among pages few heads pick. Chosen on the train split of an
+# earlier 2K-token recording (benchmarks/offload_policy.py); the test splits are held out.
 DEFAULT_WEIGHTS = {"selected_ema": 1.0, "share_ema": 8.0, "recency": 1.0, "frequency": 1.0,
                    "position": 0.0, "distance": 0.0}
 DEFAULT_BIAS = -4.0
@@ -132,8 +132,11 @@ def load_relevance_weights(path: str) -> tuple[np.ndarray, float]:
     if data.get("features") != list(FEATURES):
         raise ValueError(f"{path!r} has features {data.get('features')}, this version uses {list(FEATURES)}; "
                          "rerun `sparsekv train-relevance`")
-    w = np.asarray(data.get("weights"), dtype=np.float64)
-    b = float(data.get("bias", math.nan))
+    try:
+        w = np.asarray(data.get("weights"), dtype=np.float64)
+        b = float(data.get("bias", math.nan))
+    except (TypeError, ValueError):
+        w, b = np.zeros(0), math.nan
     if w.shape != (len(FEATURES),) or not (np.isfinite(w).all() and math.isfinite(b)):
         raise ValueError(f"{path!r}: weights must be {len(FEATURES)} finite numbers and a finite bias")
     return w, b
