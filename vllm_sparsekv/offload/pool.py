@@ -8,6 +8,7 @@ before it frees a block); the worker side owns the memory (`HostPool`). Both siz
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 
@@ -43,10 +44,12 @@ def host_memory(nbytes: int, pinned: bool) -> torch.Tensor:
     lock 64 GiB)."""
     buf = torch.empty(nbytes, dtype=torch.uint8)
     if pinned and nbytes:
-        err = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), nbytes, 0)
+        cudart = torch.cuda.cudart()
+        err = cudart.cudaHostRegister(buf.data_ptr(), nbytes, 0)
         if int(err) != 0:
             raise RuntimeError(f"sparsekv offload: cannot pin {nbytes / 2**30:.1f} GiB of host memory for the pool "
                                f"(cudaHostRegister error {int(err)}); lower sparsekv.offload.cpu_bytes")
+        weakref.finalize(buf, cudart.cudaHostUnregister, buf.data_ptr())  # before the memory goes back
     return buf
 
 
