@@ -295,6 +295,9 @@ class SparseKVMetadataBuilder(AttentionMetadataBuilder[SparseKVMetadata]):
             self._count(cam, nd)
         decode_block_table, reads_host = cam.block_table_tensor[:nd], False
         store = offload_store.current() if self.offload and nd else None
+        if self.offload and nd and store is None:  # a graph captured now could not read the pool later
+            raise RuntimeError("sparsekv offload: a decode step before the host pool was registered "
+                               "(vLLM did not build the plugin's KV connector)")
         if store is not None:
             if self._offload_table is None:  # in build(), never inside a graph capture
                 self._offload_table = torch.empty((self._max_reqs, cam.block_table_tensor.shape[1]),
