@@ -220,7 +220,7 @@ def part_stress(report, layers: int, min_steps: int, only: set[str] | None, shar
                out[-3000:] if rc else summary)
 
 
-def part_sanitizer(report, layers: int):
+def part_sanitizer(report, layers: int, share_gpu: bool):
     """compute-sanitizer memcheck over a short stress run: quest, and quest with the passive store
     (its copies to pinned memory and the decode's zero-copy reads), FULL graphs."""
     from benchmarks.e2e_decode import write_llama8b
@@ -233,7 +233,7 @@ def part_sanitizer(report, layers: int):
         cmd = ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "3", sys.executable,
                "benchmarks/gpu_stress.py", "--model", model, "--dummy", "--sparsekv", json.dumps(cfg), "--requests",
                "12", "--min-len", "64", "--max-len", "1536", "--max-tokens", "24", "--min-steps", "60",
-               "--kv-bytes", str(64 << 20)]
+               "--kv-bytes", str(64 << 20)] + (["--gpu-memory-utilization", "0.3"] if share_gpu else [])
         rc, out, dt = sh(cmd, timeout=480)
         errs = re.findall(r"ERROR SUMMARY: (\d+) error", out)
         report(f"sanitizer (memcheck, {name}, FULL graphs, 60+ steps)", rc == 0 and errs and errs[-1] == "0",
@@ -375,7 +375,7 @@ def main() -> int:
     if "stress" in parts:
         part_stress(report, a.stress_layers, a.min_steps, stress_only(a), a.share_gpu)
     if "sanitizer" in parts:
-        part_sanitizer(report, 2)
+        part_sanitizer(report, 2, a.share_gpu)
     text = summary_text(doc)
     (out / f"gpu_e2e_{tag}.txt").write_text(text)
     print(text)

@@ -338,3 +338,23 @@ def test_host_reads_count_the_selected_passive_pages_and_their_bytes():
     finally:
         store_mod._current = old
         stats.reset()
+
+
+def test_scheduler_and_worker_count_the_same_host_slots_when_vllm_pads_the_pages():
+    """On CUDA vLLM pads each KV page (the page summaries' tail); the worker's pool holds K/V only.
+    Both sides must count slots from the unpadded page, or the first plan is refused (as it was on
+    the GPU: 15420 vs 16384 slots)."""
+    from vllm_sparsekv.offload import store as store_mod
+    from vllm_sparsekv.offload.connector import _SchedulerSide
+
+    cfg = SparseKVConfig(dense_layers=[], offload={"enabled": True, "cpu_bytes": 64 * 1024 * 2})
+    spec = SimpleNamespace(block_size=16, page_size_bytes=1088, unpadded_page_size_bytes=1024)
+    side = _SchedulerSide(cfg, SimpleNamespace(kv_cache_groups=[SimpleNamespace(kv_cache_spec=spec,
+                                                                                 layer_names=["a", "b"])]))
+    old = store_mod._current
+    try:
+        store = store_mod.OffloadStore(cfg, None)
+        store.register({name: torch.zeros(10, 2, 16, 1, 8) for name in ("a", "b")})  # 1024-byte pages
+        assert side.slots.capacity == store.pool.slots == 64
+    finally:
+        store_mod._current = old

@@ -231,6 +231,12 @@ def block_size_unset(cache_config) -> bool:
     return cache_config is not None and not getattr(cache_config, "user_specified_block_size", True)
 
 
+def kv_page_bytes(spec) -> int:
+    """Bytes of one layer's K/V page without the padding vLLM keeps after it (where the page
+    summaries live on CUDA): what the passive store copies and its host slots hold."""
+    return getattr(spec, "unpadded_page_size_bytes", spec.page_size_bytes)
+
+
 def apply_default_block_size(vllm_config) -> int | None:
     """When --block-size is unset, give sparsekv its page size: 32 on CPU. CUDA keeps vLLM's 16
     (the size the GPU quality sweeps use), so nothing changes there. Returns the size set, or None.

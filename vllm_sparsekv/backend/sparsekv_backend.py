@@ -196,8 +196,7 @@ class SparseKVMetadataBuilder(AttentionMetadataBuilder[SparseKVMetadata]):
         self.num_kv_heads = kv_cache_spec.num_kv_heads
         self.max_model_len = vllm_config.model_config.max_model_len
         # bytes of padding vLLM keeps after each KV page (customize_spec): the side state's home
-        self.page_tail_bytes = kv_cache_spec.page_size_bytes - getattr(
-            kv_cache_spec, "unpadded_page_size_bytes", kv_cache_spec.page_size_bytes)
+        self.page_tail_bytes = kv_cache_spec.page_size_bytes - compat.kv_page_bytes(kv_cache_spec)
         # CUDA: shapes fixed by max_model_len and the budget (graph-safe). CPU: sized per batch,
         # unless SPARSEKV_STATIC_SHAPES=1 (how the tests exercise the CUDA sizing on CPU).
         self.static_shapes = device.type == "cuda" or os.environ.get("SPARSEKV_STATIC_SHAPES") == "1"

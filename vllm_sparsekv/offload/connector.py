@@ -139,7 +139,9 @@ class _SchedulerSide:
         self.fraction = cfg.offload.resident_fraction
         self.sink = cfg.sink_pages(bs)
         self.recent = cfg.recent_pages(bs)
-        self.slots = SlotAllocator(num_slots(cfg.offload.cpu_bytes, spec.page_size_bytes, len(group.layer_names)))
+        # the worker sizes the pool by the same unpadded page (its copies leave the tail out)
+        self.slots = SlotAllocator(num_slots(cfg.offload.cpu_bytes, compat.kv_page_bytes(spec),
+                                             len(group.layer_names)))
         self.policy = make_policy(cfg.offload)
         off = cfg.offload
         self.recall = RecallRule(off.recall_k, off.recall_window) if off.read_back == "recall" else None
