@@ -55,12 +55,15 @@ def test_host_counts_equal_what_the_selection_selects(cfg, seed_gen):
 
 
 def test_warm_up_and_padding_rows_count_nowhere(seed_gen):
-    """vLLM's warm-up/capture batches decode 1-token dummy contexts and pad with 0-token rows: the
-    counters (and max_decode_rows) see only served rows, in their order."""
+    """vLLM's warm-up/capture batches decode 1-token dummy contexts, and a captured batch pads with
+    rows of no query token whose host lengths may be stale (any value): the counters (and
+    max_decode_rows) see only served rows, in their order."""
     served = torch.randint(2, 5000, (9,), generator=seed_gen)
-    lens = torch.cat([served[:4], torch.tensor([1, 0, 1]), served[4:], torch.zeros(3, dtype=served.dtype)])
-    assert torch.equal(budgets.served_decode_lens(lens), served)
-    assert budgets.served_decode_lens(torch.tensor([1, 1, 0])).numel() == 0
+    stale = torch.randint(2, 5000, (3,), generator=seed_gen)
+    lens = torch.cat([served[:4], torch.tensor([1, 0, 1]), served[4:], stale])
+    query = torch.tensor([1] * 4 + [1, 0, 1] + [1] * 5 + [0] * 3)
+    assert torch.equal(budgets.served_decode_lens(lens, query), served)
+    assert budgets.served_decode_lens(torch.tensor([1, 1, 0]), torch.tensor([1, 1, 0])).numel() == 0
 
 
 def _cam(query_lens, is_prefilling=None):

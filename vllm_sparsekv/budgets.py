@@ -101,11 +101,12 @@ def request_budget_pages(config, seq_lens: torch.Tensor, block_size: int, select
     return out
 
 
-def served_decode_lens(seq_lens: torch.Tensor) -> torch.Tensor:
-    """The lengths of the decode rows that serve a request. vLLM's warm-up and CUDA-graph capture
-    batches decode dummy rows of a 1-token context, and a captured batch pads with 0-token rows;
-    a served decode row holds at least its prompt's first token and the new one."""
-    return seq_lens[seq_lens >= 2]
+def served_decode_lens(seq_lens: torch.Tensor, query_lens: torch.Tensor) -> torch.Tensor:
+    """The lengths of the decode rows that serve a request. A captured batch pads with rows of no
+    query token (whose host lengths may be stale: a 48-request run counted 64 rows on the GPU),
+    and vLLM's warm-up and capture batches decode dummy rows of a 1-token context; a served decode
+    row has its query token and holds at least its prompt's first token and the new one."""
+    return seq_lens[(query_lens >= 1) & (seq_lens >= 2)]
 
 
 def decode_page_counts(config, seq_lens: torch.Tensor, block_size: int, num_kv_heads: int, num_layers: int,

@@ -332,7 +332,8 @@ class SparseKVMetadataBuilder(AttentionMetadataBuilder[SparseKVMetadata]):
         lens = compat.host_seq_lens(cam)
         if lens is None:
             return
-        served = budgets.served_decode_lens(torch.as_tensor(lens[:nd]))
+        qsl = cam.query_start_loc_cpu
+        served = budgets.served_decode_lens(torch.as_tensor(lens[:nd]), qsl[1 : nd + 1] - qsl[:nd])
         stats.peak("max_decode_rows", served.numel())
         if served.numel():
             stats.add(*budgets.decode_page_counts(
