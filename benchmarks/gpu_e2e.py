@@ -81,10 +81,16 @@ def part_kernels(report, out_dir: str, commit: str):
     report("kernels", rc == 0, pytest_summary(out), dt, out[-6000:])
 
 
-def part_engine(report):
+ENGINE_FILES = sorted(p.name for p in (ROOT / "tests" / "engine").glob("test_*.py"))
+
+
+def part_engine(report, files: list[str]):
+    """tests/engine on CUDA: every file, or `files` of it (a lane's share)."""
     env = {"SPARSEKV_TEST_DEVICE": "cuda", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    rc, out, dt = sh([sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", "tests/engine/"], env)
-    report("engine (tests/engine on CUDA, fp16, FULL graphs)", rc == 0, pytest_summary(out), dt, out[-8000:])
+    paths = [f"tests/engine/{f}" for f in files] or ["tests/engine/"]
+    rc, out, dt = sh([sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", *paths], env)
+    which = "tests/engine" if not files else ", ".join(paths)
+    report(f"engine ({which} on CUDA, fp16, FULL graphs)", rc == 0, pytest_summary(out), dt, out[-8000:])
 
 
 AGREE_MODELS = {  # model -> (prompt lengths, cycled; max_model_len)
@@ -241,15 +247,18 @@ def part_sanitizer(report, layers: int, share_gpu: bool):
 
 
 # rough seconds of each unit of work on an H100 (this suite's runs there), for splitting into lanes
-UNIT_SECONDS = {"kernels": 150, "engine": 480, "agree": 300, "stress": 90, "sanitizer": 150}
+UNIT_SECONDS = {"kernels": 270, "engine": 240, "agree": 300, "stress": 90, "sanitizer": 150}  # engine: per file
 
 
 def plan_lanes(parts: list[str], lanes: int, agree_models: list[str], stress_labels: list[str]) -> list[list[tuple]]:
-    """Units of work ("kernels",), ("engine",), ("agree", model), ("stress", label), ("sanitizer",)
-    shared over `lanes` lanes, longest first onto the least-loaded lane; lanes left empty dropped."""
+    """Units of work ("kernels",), ("engine", test file), ("agree", model), ("stress", label),
+    ("sanitizer",) shared over `lanes` lanes, longest first onto the least-loaded lane; lanes left
+    empty dropped. The engine tests go file by file: together they were the longest lane."""
     units = []
     for part in parts:
-        if part == "agree":
+        if part == "engine":
+            units += [("engine", f) for f in ENGINE_FILES]
+        elif part == "agree":
             units += [("agree", m) for m in agree_models]
         elif part == "stress":
             units += [("stress", label) for label in stress_labels]
@@ -267,6 +276,8 @@ def lane_args(lane: list[tuple]) -> list[str]:
     """The command-line arguments that run one lane's units (with --share-gpu)."""
     parts = list(dict.fromkeys(u[0] for u in lane))
     args = ["--parts", ",".join(parts), "--share-gpu"]
+    if "engine" in parts:
+        args += ["--engine-files", ",".join(u[1] for u in lane if u[0] == "engine")]
     if "agree" in parts:
         args += ["--agree-models", ",".join(u[1] for u in lane if u[0] == "agree")]
     if "stress" in parts:
@@ -332,6 +343,7 @@ def main() -> int:
     ap.add_argument("--min-steps", type=int, default=1000)
     ap.add_argument("--agree-models", default="smollm2,qwen-coder-0.5b", help=f"of {sorted(AGREE_MODELS)}")
     ap.add_argument("--stress-only", default="", help="NAME:graphs|eager,... (default: all)")
+    ap.add_argument("--engine-files", default="", help=f"of {ENGINE_FILES} (default: all)")
     ap.add_argument("--share-gpu", action="store_true",
                     help="another suite runs on the GPU at the same time: engines take a fixed KV size "
                          "(no memory profile, which would count the other's memory) and a low startup check")
@@ -368,7 +380,7 @@ def main() -> int:
     if "kernels" in parts:
         part_kernels(report, a.out, a.commit)
     if "engine" in parts:
-        part_engine(report)
+        part_engine(report, [f for f in a.engine_files.split(",") if f])
     if "agree" in parts:
         for model_key in a.agree_models.split(","):
             part_agree(report, model_key, out)

@@ -11,12 +11,13 @@ def test_every_unit_runs_in_exactly_one_lane_and_the_lanes_are_balanced(load_ben
     rng = random.Random(seed)
     labels = [r[0] for r in g.stress_runs(None)]
     assert "quest-preempt:graphs" in labels and "dense-fa3:eager" not in labels
+    assert "test_engine.py" in g.ENGINE_FILES and "test_offload_engine.py" in g.ENGINE_FILES
     picked = rng.sample(labels, rng.randrange(1, len(labels) + 1))
     parts = ["kernels", "engine", "agree", "stress", "sanitizer"]
     for lanes in (1, 2, 3):
         plan = g.plan_lanes(parts, lanes, ["smollm2", "qwen-coder-0.5b"], picked)
         units = [u for lane in plan for u in lane]
-        want = [("kernels",), ("engine",), ("agree", "smollm2"), ("agree", "qwen-coder-0.5b"),
+        want = [("kernels",), *[("engine", f) for f in g.ENGINE_FILES], ("agree", "smollm2"), ("agree", "qwen-coder-0.5b"),
                 *[("stress", x) for x in picked], ("sanitizer",)]
         assert sorted(units) == sorted(want) and len(plan) <= lanes
         loads = [sum(g.UNIT_SECONDS[u[0]] for u in lane) for lane in plan]
@@ -31,6 +32,8 @@ def test_every_unit_runs_in_exactly_one_lane_and_the_lanes_are_balanced(load_ben
                 only = args[args.index("--stress-only") + 1].split(",")
                 assert set(only) == {u[1] for u in lane if u[0] == "stress"}
                 assert {r[0] for r in g.stress_runs(set(only))} == set(only)
+            if "engine" in got_parts:
+                assert args[args.index("--engine-files") + 1].split(",") == [u[1] for u in lane if u[0] == "engine"]
             if "agree" in got_parts:
                 assert args[args.index("--agree-models") + 1].split(",") == [u[1] for u in lane if u[0] == "agree"]
 
