@@ -24,7 +24,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm_sparsekv.backend import compat
 from vllm_sparsekv.config import load_config
 from vllm_sparsekv.offload import store as store_mod
-from vllm_sparsekv.offload.policy import RecallRule, make_policy
+from vllm_sparsekv.offload.policy import RecallRule, candidates, make_policy
 from vllm_sparsekv.offload.pool import SlotAllocator, num_slots
 
 logger = logging.getLogger("vllm.sparsekv")
@@ -208,9 +208,8 @@ class _SchedulerSide:
         page before the recent ones (it was written a step ago), nor a page promoted this step."""
         pages = math.ceil(seq_len / self.block_size)
         passive = self.passive.setdefault(rid, {})
-        candidates = [p for p in range(self.sink, pages - self.recent - 1)
-                      if p not in passive and ids[p] != 0 and p not in promoted]
-        want = min(len(candidates), pages - len(passive) - math.ceil(self.fraction * pages))
+        choices = [p for p in candidates(pages, passive, self.sink, self.recent) if ids[p] != 0 and p not in promoted]
+        want = min(len(choices), pages - len(passive) - math.ceil(self.fraction * pages))
         if want <= 0:
             return
         if self.slots.num_free < want:
@@ -220,7 +219,7 @@ class _SchedulerSide:
                                "stay in the KV cache until requests finish", self.slots.capacity)
                 self.full_logged = True
             want = self.slots.num_free
-        for p in self.policy.choose(rid, candidates, want, pages, free_share):
+        for p in self.policy.choose(rid, choices, want, pages, free_share):
             slot = self.slots.take()
             meta.store.append((rid, p, ids[p], slot))
             passive[p] = slot

@@ -18,6 +18,13 @@ import numpy as np
 WEIGHTS_FORMAT = "sparsekv-relevance/1"
 
 
+def candidates(num_pages: int, passive: set[int] | dict, sink: int, recent: int) -> list[int]:
+    """The pages of a request that may go passive: not a sink page, not a recent page, not the page
+    before the recent ones (written a step ago), not passive already. The connector and the
+    trace replay share this rule."""
+    return [p for p in range(sink, num_pages - recent - 1) if p not in passive]
+
+
 class OffloadPolicy(Protocol):
     def observe(self, req_id: str, pages: Iterable[int], step: int, counts: Sequence[int] | None = None) -> None:
         """Pages of `req_id` that the decode selected at `step`; `counts[i]`: the (layer, KV head)

@@ -20,6 +20,8 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
+from vllm_sparsekv.offload.policy import candidates
+
 Step = tuple[int, Sequence[int], Sequence[int]]
 
 
@@ -36,11 +38,6 @@ class ReplayResult:
     def add(self, other: ReplayResult) -> None:
         for k in self.__dataclass_fields__:
             setattr(self, k, getattr(self, k) + getattr(other, k))
-
-
-def candidates(num_pages: int, passive: set[int] | dict, sink: int, recent: int) -> list[int]:
-    """The pages the connector may make passive (`_SchedulerSide._offload`)."""
-    return [p for p in range(sink, num_pages - recent - 1) if p not in passive]
 
 
 def replay_request(req_id: str, steps: Sequence[Step], policy, fraction: float, block_size: int, sink: int,

@@ -83,11 +83,7 @@ class OffloadStore:
                 stats.bump("preempted_with_passive_pages")
         if meta.store:
             rids, pages, blocks, slots = zip(*meta.store)
-            blocks_t = torch.tensor(blocks, dtype=torch.long)
-            slots_t = torch.tensor(slots, dtype=torch.long)
-            self.pool.store(self.kv_caches, blocks_t, slots_t)
-            for side in self._side_states():
-                store_side_state(side, blocks_t, slots_t + self.num_blocks)
+            self._copy_pages(blocks, slots, to_host=True)
             for rid, page, slot in zip(rids, pages, slots):
                 self.passive.setdefault(rid, {})[page] = slot
                 self.recalled.get(rid, {}).pop(page, None)
@@ -95,11 +91,7 @@ class OffloadStore:
             stats.bump("offloaded_bytes", len(meta.store) * self._page_bytes())
         if meta.load:
             rids, pages, slots, blocks = zip(*meta.load)
-            slots_t = torch.tensor(slots, dtype=torch.long)
-            blocks_t = torch.tensor(blocks, dtype=torch.long)
-            self.pool.load(self.kv_caches, slots_t, blocks_t)
-            for side in self._side_states():
-                store_side_state(side, slots_t + self.num_blocks, blocks_t)
+            self._copy_pages(blocks, slots, to_host=False)
             for rid, page, block in zip(rids, pages, blocks):
                 del self.passive[rid][page]
                 self.recalled.setdefault(rid, {})[page] = block
@@ -110,6 +102,19 @@ class OffloadStore:
         stats.peak("passive_pages_max", sum(len(p) for p in self.passive.values()))
         self.rows = meta.rows
         self.step = meta.step
+
+    def _copy_pages(self, blocks, slots, to_host: bool) -> None:
+        """K/V of every layer and each sparse layer's summaries (host slot s is summary row
+        num_blocks + s) from KV `blocks` to host `slots`, or back (a recall)."""
+        blocks_t = torch.tensor(blocks, dtype=torch.long)
+        slots_t = torch.tensor(slots, dtype=torch.long)
+        rows = slots_t + self.num_blocks
+        if to_host:
+            self.pool.store(self.kv_caches, blocks_t, slots_t)
+        else:
+            self.pool.load(self.kv_caches, slots_t, blocks_t)
+        for side in self._side_states():
+            store_side_state(side, *((blocks_t, rows) if to_host else (rows, blocks_t)))
 
     def _page_bytes(self) -> int:
         """K/V bytes of one page of every layer: what a store or a recall copies."""
@@ -154,18 +159,14 @@ class OffloadStore:
         self._on_host.zero_()
         table = table_out[:nd]
         table.copy_(block_table)
+        reads_host = False
         for i, r in enumerate(self.row_reqs):
             if self.recalled.get(r):
-                recalled = self.recalled[r]
-                table[i, torch.tensor(list(recalled), dtype=torch.long, device=table.device)] = torch.tensor(
-                    list(recalled.values()), dtype=table.dtype, device=table.device)
-        rows = [(i, self.passive[r]) for i, r in enumerate(self.row_reqs) if self.passive.get(r)]
-        for i, passive in rows:
-            pages = torch.tensor(list(passive), dtype=torch.long)
-            table[i, pages.to(table.device)] = (torch.tensor(list(passive.values()), dtype=table.dtype)
-                                                + self.num_blocks).to(table.device)
-            self._on_host[i, pages.to(self._on_host.device)] = True
-        return table, bool(rows)
+                _point(table[i], self.recalled[r], 0)
+            if self.passive.get(r):
+                self._on_host[i, _point(table[i], self.passive[r], self.num_blocks)] = True
+                reads_host = True
+        return table, reads_host
 
     def host_views(self, layer_name: str, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's host pages as key/value views [slots, block_size, Hkv, D], like the KV cache's."""
@@ -191,9 +192,9 @@ class OffloadStore:
     def _count_host_reads(self) -> None:
         """The decode reads passive pages from the host at every step they are selected (until a
         recall brings one back), so these counters and `recalled_bytes` are the host traffic the
-        capacity benchmark reports: `host_page_reads`
-        counts (layer, KV head, page) reads, `host_read_bytes` their K and V bytes. Only selected pages
-        count: a config that selects every page reports no selection, so nothing of it goes passive."""
+        capacity benchmark reports: `host_page_reads` counts (layer, KV head, page) reads,
+        `host_read_bytes` their K and V bytes. Only selected pages count: a config that selects
+        every page reports no selection, so nothing of it goes passive."""
         reads = int(self._host_reads.item())
         if reads:
             self._host_reads.zero_()
@@ -215,3 +216,11 @@ class OffloadStore:
                 nz = rows[i].nonzero().flatten()
                 pages[r], counts[r] = nz.tolist(), rows[i, nz].tolist()
         return self.step, pages, counts
+
+
+def _point(row: torch.Tensor, where: dict[int, int], offset: int) -> torch.Tensor:
+    """Point a block-table row's logical pages at `where[page] + offset` (a recalled page's new
+    block, or a passive page's host slot past the cache); returns the pages."""
+    pages = torch.tensor(list(where), dtype=torch.long, device=row.device)
+    row[pages] = torch.tensor(list(where.values()), dtype=row.dtype, device=row.device) + offset
+    return pages

@@ -4,7 +4,7 @@ predictor r = sigmoid(w . features + b) (offload/policy.py) on recorded selectio
 TRACES comes from `benchmarks/offload_policy.py record` (a real model's decode selections through
 vLLM). Each request is replayed through `PageHistory`, the policy's own feature code; at every
 step whose next `--horizon` steps are in the trace, each page the connector could make passive
-(`replay.candidates`, passive or not) is one sample: its features before the step, label 1 if the
+(`policy.candidates`, passive or not) is one sample: its features before the step, label 1 if the
 decode selects it in that step or the `--horizon - 1` after. Logistic regression by Newton's
 method (numpy, float64, a small L2 penalty on w). The file is what `offload.relevance_weights`
 reads, with the training set's size, label balance and log-loss; `--split` picks the requests
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from vllm_sparsekv.offload.policy import FEATURES, WEIGHTS_FORMAT, PageHistory
-from vllm_sparsekv.offload.replay import candidates, load_traces
+from vllm_sparsekv.offload.policy import FEATURES, WEIGHTS_FORMAT, PageHistory, candidates
+from vllm_sparsekv.offload.replay import load_traces
 
 
 def samples(steps, block_size: int, sink: int, recent: int, horizon: int) -> tuple[np.ndarray, np.ndarray]:
