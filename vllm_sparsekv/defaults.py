@@ -1,7 +1,7 @@
 """Startup defaults and warnings that keep sparse decode worth its name (issue 13).
 
-- `apply_block_size(vllm_config)`: sparsekv's page size when --block-size is unset (32 on CPU,
-  vLLM's 16 on CUDA), said in the startup log.
+- `apply_block_size(vllm_config)`: sparsekv's page size when --block-size is unset (32 tokens,
+  where vLLM would pick 128 on CPU and 16 on CUDA), said in the startup log.
 - `budget_warning(cfg, block_size, max_model_len)`: the warning for a budget that leaves no page to
   choose by score beyond the always-attended sink and recent pages (decode is then StreamingLLM
   whatever the method); `warn_budget(vllm_config)` logs it.
@@ -26,13 +26,14 @@ def _once(level: int, msg: str) -> None:
 
 def apply_block_size(vllm_config) -> int | None:
     """Set sparsekv's default page size if the user left --block-size unset; log it. Returns the
-    size set, or None when vLLM's choice stands (the user set it, or CUDA, where it is already 16)."""
+    size set, or None when the user's choice stands."""
     from vllm_sparsekv.backend import compat
 
     size = compat.apply_default_block_size(vllm_config)
     if size is not None:
-        _once(logging.INFO, f"sparsekv: block size {size} (CPU default for sparsekv; vLLM's default is "
-                            f"{compat.VLLM_CPU_BLOCK_SIZE}; set --block-size to override)")
+        _once(logging.INFO, f"sparsekv: block size {size} (sparsekv's default where --block-size is unset; "
+                            f"vLLM's would be {compat.vllm_default_block_size()}, README 'Configuration' says why; "
+                            "set --block-size to override)")
     return size
 
 

@@ -2,8 +2,8 @@
 matters: 2 of 8 pages, one of them chosen by the method), the sweep's greedy tokens for a method
 equal those of vLLM with ``--attention-backend sparsekv`` at the same config.
 
-The sweep must be configured as the engine runs: both get 128-token pages here (the engine's own
-CPU default for sparsekv is 32; the sweep's default is 16, the CUDA page), and both use the
+The sweep must be configured as the engine runs: both get 128-token pages here (sparsekv's own
+default is 32; the sweep's default is 16, the page of its earlier reports), and both use the
 config's ``dense_layers`` (default [0, 1]).
 Prefill differs numerically (HF SDPA vs vLLM's CPU kernel, both float32), so a flipped token is
 accepted only at a genuine near-tie of the engine's top two logprobs (as tests/engine does)."""

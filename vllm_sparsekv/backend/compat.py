@@ -219,8 +219,15 @@ def layer_index(layer_name: str) -> int:
 
 
 # ---- sparsekv's page size when --block-size is not set (issue 13) --------------------------------
-CPU_BLOCK_SIZE = 32  # CPU attention needs a multiple of 32; why 32: README "Configuration"
+SPARSEKV_BLOCK_SIZE = 32  # on every platform; why 32: README "Configuration"
 VLLM_CPU_BLOCK_SIZE = 128  # what vLLM picks on CPU when --block-size is unset
+VLLM_CUDA_BLOCK_SIZE = 16  # and on CUDA (CacheConfig.DEFAULT_BLOCK_SIZE)
+
+
+def vllm_default_block_size() -> int:
+    from vllm.platforms import current_platform
+
+    return VLLM_CPU_BLOCK_SIZE if current_platform.is_cpu() else VLLM_CUDA_BLOCK_SIZE
 
 
 def block_size_unset(cache_config) -> bool:
@@ -238,22 +245,20 @@ def kv_page_bytes(spec) -> int:
 
 
 def apply_default_block_size(vllm_config) -> int | None:
-    """When --block-size is unset, give sparsekv its page size: 32 on CPU. CUDA keeps vLLM's 16
-    (the size the GPU quality sweeps use), so nothing changes there. Returns the size set, or None.
+    """When --block-size is unset, give sparsekv its page size, 32 tokens (vLLM would pick 128 on
+    CPU, 16 on CUDA). Returns the size set, or None.
 
     The size is then marked as chosen (`user_specified_block_size`), so that vLLM neither resets it
     when check_and_update_config reruns (it does on every VllmConfig) nor re-picks it in the worker
     (0.33's `update_block_size_for_backend` replaces any size not user-specified)."""
-    from vllm.platforms import current_platform
-
     cache = vllm_config.cache_config
-    if not block_size_unset(cache) or not current_platform.is_cpu():
+    if not block_size_unset(cache):
         return None
     if getattr(cache, "prefix_match_unit", None) is not None:  # the user chose a granularity
         return None
-    cache.block_size = CPU_BLOCK_SIZE
+    cache.block_size = SPARSEKV_BLOCK_SIZE
     cache.user_specified_block_size = True
-    return CPU_BLOCK_SIZE
+    return SPARSEKV_BLOCK_SIZE
 
 
 # ---- the passive store's hooks into vLLM's scheduler (issue 11) ----------------------------------
