@@ -54,6 +54,8 @@ CONFIGS = {
     "quest16_p32": ("sparsekv", 32, {"method": "quest", "budget_fraction": 0.0625}),
     "quest2048_p32": ("sparsekv", 32, {"method": "quest", "token_budget": 2048}),
     "hash2_p32": ("sparsekv", 32, {"method": "hash", "budget_fraction": 0.02}),
+    # the candidate default of the quality reports (SnapKV keep-set + Quest): its prefill side pass and per-step merge
+    "snapquest16_p32": ("sparsekv", 32, {"method": "snapquest", "budget_fraction": 0.0625}),
     # every layer sparse: what the two dense layers of the default cost per step
     "quest16_p32_d0": ("sparsekv", 32, {"method": "quest", "budget_fraction": 0.0625, "dense_layers": []}),
     # A/B of the selection's four-way search (kernels/page_select.py SELECT_WAYS)
