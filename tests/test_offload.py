@@ -81,7 +81,7 @@ def test_decode_reads_a_passive_page_from_the_pool_exactly(seed_gen):
 
 # ---- the scheduler side, on a stand-in for vLLM's KV-cache manager --------------------------------
 class _Manager:
-    """vLLM's single-group manager as far as the connector uses it (compat.request_block_ids,
+    """vLLM's single-group manager as far as the connector uses it (compat.request_blocks,
     compat.free_request_page, compat.allocate_request_page); block 0 is the null block, new
     blocks come from 1000 on."""
 

@@ -287,9 +287,11 @@ def _attention_manager(kv_cache_manager):
     return managers[0]
 
 
-def request_block_ids(kv_cache_manager, req_id: str) -> list[int]:
-    """The scheduler's block ids of a request, by logical page (0 = the null block: freed)."""
-    return [b.block_id for b in _attention_manager(kv_cache_manager).req_to_blocks.get(req_id, ())]
+def request_blocks(kv_cache_manager, req_id: str) -> list:
+    """The scheduler's blocks of a request by logical page, vLLM's own list (read, never change it):
+    `.block_id`, 0 for the null block (a freed page). Per step the connector reads one entry of it;
+    a copy of every id would cost a long request's page count each step."""
+    return _attention_manager(kv_cache_manager).req_to_blocks.get(req_id, ())
 
 
 def free_request_page(kv_cache_manager, req_id: str, page: int) -> None:

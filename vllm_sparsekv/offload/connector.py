@@ -171,15 +171,13 @@ class _SchedulerSide:
             if n != 1 or req is None:
                 continue
             pos = req.num_computed_tokens  # the position this step writes
-            ids = compat.request_block_ids(kv_cache_manager, rid)
-            if pos // bs >= len(ids):
+            blocks = compat.request_blocks(kv_cache_manager, rid)
+            if pos // bs >= len(blocks):
                 continue
-            meta.rows[ids[pos // bs]] = rid
+            meta.rows[blocks[pos // bs].block_id] = rid
             if rid in self.decoding:
                 back = self._promote(rid, kv_cache_manager, meta)
-                if back:
-                    ids = compat.request_block_ids(kv_cache_manager, rid)
-                self._offload(rid, ids, pos + 1, kv_cache_manager, meta, free_share, back)
+                self._offload(rid, pos + 1, kv_cache_manager, meta, free_share, back)
         return meta
 
     def _promote(self, rid: str, kv_cache_manager, meta: OffloadStep) -> list[int]:
@@ -202,14 +200,21 @@ class _SchedulerSide:
         self.recall.promoted(rid, back)
         return back
 
-    def _offload(self, rid: str, ids: list[int], seq_len: int, kv_cache_manager, meta: OffloadStep,
-                 free_share: float, promoted: list[int]) -> None:
+    def _offload(self, rid: str, seq_len: int, kv_cache_manager, meta: OffloadStep, free_share: float,
+                 promoted: list[int]) -> None:
         """Free blocks of `rid` until it holds its target share: never sink or recent pages, nor the
-        page before the recent ones (it was written a step ago), nor a page promoted this step."""
+        page before the recent ones (it was written a step ago), nor a page promoted this step.
+        A request at its share (most steps: it gains a page every block_size tokens) costs no scan
+        of its pages."""
         pages = math.ceil(seq_len / self.block_size)
         passive = self.passive.setdefault(rid, {})
-        choices = [p for p in candidates(pages, passive, self.sink, self.recent) if ids[p] != 0 and p not in promoted]
-        want = min(len(choices), pages - len(passive) - math.ceil(self.fraction * pages))
+        over = pages - len(passive) - math.ceil(self.fraction * pages)
+        if over <= 0:
+            return
+        blocks = compat.request_blocks(kv_cache_manager, rid)
+        choices = [p for p in candidates(pages, passive, self.sink, self.recent)
+                   if blocks[p].block_id != 0 and p not in promoted]
+        want = min(len(choices), over)
         if want <= 0:
             return
         if self.slots.num_free < want:
@@ -221,7 +226,7 @@ class _SchedulerSide:
             want = self.slots.num_free
         for p in self.policy.choose(rid, choices, want, pages, free_share):
             slot = self.slots.take()
-            meta.store.append((rid, p, ids[p], slot))
+            meta.store.append((rid, p, blocks[p].block_id, slot))
             passive[p] = slot
             compat.free_request_page(kv_cache_manager, rid, p)
 
@@ -245,8 +250,7 @@ class _SchedulerSide:
                 self.decoding.add(rid)
                 self.policy.observe(rid, pages, report.step, report.counts.get(rid))
                 if self.recall is not None:
-                    passive = self.passive.get(rid, {})
-                    self.recall.note(rid, [p for p in pages if p in passive], report.step)
+                    self.recall.note(rid, self.passive.get(rid, {}).keys() & pages, report.step)
 
     def finished(self, rid: str) -> None:
         self._release(rid)

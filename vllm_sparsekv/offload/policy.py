@@ -50,9 +50,7 @@ class LRUPolicy:
         return cls()
 
     def observe(self, req_id: str, pages: Iterable[int], step: int, counts: Sequence[int] | None = None) -> None:
-        seen = self.last.setdefault(req_id, {})
-        for p in pages:
-            seen[p] = step
+        self.last.setdefault(req_id, {}).update(dict.fromkeys(pages, step))
 
     def choose(self, req_id: str, candidates: list[int], count: int, num_pages: int = 0,
                free_share: float = 0.0) -> list[int]:

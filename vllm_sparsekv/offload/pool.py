@@ -7,6 +7,7 @@ before it frees a block); the worker side owns the memory (`HostPool`). Both siz
 
 from __future__ import annotations
 
+import heapq
 import math
 import weakref
 
@@ -19,22 +20,23 @@ def num_slots(cpu_bytes: int, page_bytes: int, num_layers: int) -> int:
 
 
 class SlotAllocator:
-    """Free host slots (scheduler side). Lowest slot first, so runs are reproducible."""
+    """Free host slots (scheduler side). Lowest slot first, so runs are reproducible; a heap, so
+    that a step costs what it takes and gives back, not the pool's size."""
 
     def __init__(self, slots: int):
         self.capacity = slots
-        self._free = list(range(slots - 1, -1, -1))
+        self._free = list(range(slots))  # sorted: a heap already
 
     @property
     def num_free(self) -> int:
         return len(self._free)
 
     def take(self) -> int:
-        return self._free.pop()
+        return heapq.heappop(self._free)
 
     def give_back(self, slots) -> None:
-        self._free.extend(slots)
-        self._free.sort(reverse=True)
+        for s in slots:
+            heapq.heappush(self._free, s)
 
 
 def host_memory(nbytes: int, pinned: bool) -> torch.Tensor:
