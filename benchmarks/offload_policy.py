@@ -97,10 +97,10 @@ def record_traces(spec: dict) -> dict:
     observe = side.observe
 
     def record(report) -> None:
-        for rid in report.selected:
+        for rid, pages, counts in report.items():
             req = side.requests.get(rid)
             if req is not None:  # num_computed_tokens counts the token this step wrote
-                steps.setdefault(rid, []).append([req.num_computed_tokens, report.selected[rid], report.counts[rid]])
+                steps.setdefault(rid, []).append([req.num_computed_tokens, pages.tolist(), counts.tolist()])
         observe(report)
 
     side.observe = record

@@ -6,6 +6,7 @@ and preemption. The engine tests (tests/engine/test_offload_engine.py) run it in
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -133,9 +134,15 @@ def _step(side, kvm, rids, preempted=()):
 
 
 def _report(side, step, selected, counts=None):
-    from vllm_sparsekv.offload.connector import SelectionReport
+    """The worker's report of `selected` pages per request (each selected by `counts` pairs, 1 if not given)."""
+    from vllm_sparsekv.offload.connector import SelectionReport, _stack_counts
 
-    side.observe(SelectionReport(step, selected, counts or {}))
+    rows = []
+    for rid, pages in selected.items():
+        row = np.zeros(max(pages, default=-1) + 1, dtype=np.int64)
+        row[pages] = (counts or {}).get(rid, 1)
+        rows.append(row)
+    side.observe(SelectionReport(step, list(selected), _stack_counts(rows)))
 
 
 def test_scheduler_frees_down_to_the_target_share_and_never_sink_or_recent_pages():
@@ -329,12 +336,13 @@ def test_host_reads_count_the_selected_passive_pages_and_their_bytes():
         # a second layer (row a: page 1, host, in both heads): the report counts (layer, KV head)
         # selections per page, and the host reads add up
         store.note_selected(torch.tensor([[[1, -1, -1], [1, 2, -1]], [[4, -1, -1], [-1, -1, -1]]]))
-        assert store.take_selection() == (0, {"a": [0, 1, 2, 3], "b": [0, 1, 2, 4]},
-                                          {"a": [1, 3, 2, 1], "b": [1, 1, 1, 1]})
+        step, req_ids, counts = store.take_selection()
+        assert (step, req_ids) == (0, ["a", "b"])
+        assert counts.tolist() == [[1, 3, 2, 1, 0], [1, 1, 1, 0, 1]]  # per page, up to max_pages
         snap = stats.snapshot()
         assert snap["host_page_reads"] == 5
         assert snap["host_read_bytes"] == 5 * 2 * bs * d * 4  # K and V of one head, float32
-        assert store.take_selection() == (0, {}, {})  # cleared
+        assert store.take_selection()[1] == []  # cleared
     finally:
         store_mod._current = old
         stats.reset()

@@ -245,9 +245,12 @@ def test_weights_from_another_feature_set_are_refused(tmp_path):
 
 
 def test_selection_reports_of_tensor_parallel_workers_add_their_counts():
+    import numpy as np
+
     from vllm_sparsekv.offload.connector import SelectionReport
 
-    a = SelectionReport(3, {"x": [1, 4], "y": [0]}, {"x": [2, 1], "y": [5]})
-    b = SelectionReport(3, {"x": [4, 6]}, {"x": [3, 1]})
+    a = SelectionReport(3, ["x", "y"], np.array([[0, 2, 0, 0, 1], [5, 0, 0, 0, 0]], dtype=np.uint16))
+    b = SelectionReport(3, ["x"], np.array([[0, 0, 0, 0, 3, 0, 1]], dtype=np.uint16))
     m = a.aggregate(b)
-    assert (m.step, m.selected, m.counts) == (3, {"x": [1, 4, 6], "y": [0]}, {"x": [2, 4, 1], "y": [5]})
+    got = {rid: (pages.tolist(), counts.tolist()) for rid, pages, counts in m.items()}
+    assert m.step == 3 and got == {"x": ([1, 4, 6], [2, 4, 1]), "y": ([0], [5])}

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
@@ -46,25 +47,42 @@ class OffloadStep(KVConnectorMetadata):
 
 @dataclass
 class SelectionReport(KVConnectorWorkerMetadata):
-    """Worker -> scheduler: the pages each decoding request selected in a step (any layer or head),
-    ascending, and per page how many (layer, KV head) pairs selected it (`counts`, same order)."""
+    """Worker -> scheduler, once per step: for each decoding request (`req_ids`), how many (layer,
+    KV head) pairs selected each of its pages (`counts` [requests, pages] uint16, 0 = not selected,
+    cut after the last selected page). One array per step, not a list per page: it crosses the
+    process boundary at every step, on the step's critical path."""
 
     step: int
-    selected: dict[str, list[int]]
-    counts: dict[str, list[int]] = field(default_factory=dict)
+    req_ids: list[str]
+    counts: np.ndarray
 
-    def page_counts(self, rid: str) -> dict[int, int]:
-        return dict(zip(self.selected[rid], self.counts.get(rid) or [1] * len(self.selected[rid])))
+    def items(self):
+        """(request, its selected pages ascending, their counts) for each request."""
+        for rid, row in zip(self.req_ids, self.counts):
+            pages = np.flatnonzero(row)
+            yield rid, pages, row[pages]
 
     def aggregate(self, other: SelectionReport) -> SelectionReport:  # tensor-parallel workers: their heads add up
-        merged: dict[str, dict[int, int]] = {}
+        rows: dict[str, np.ndarray] = {}
         for rep in (self, other):
-            for rid in rep.selected:
-                acc = merged.setdefault(rid, {})
-                for p, c in rep.page_counts(rid).items():
-                    acc[p] = acc.get(p, 0) + c
-        return SelectionReport(max(self.step, other.step), {r: sorted(m) for r, m in merged.items()},
-                               {r: [m[p] for p in sorted(m)] for r, m in merged.items()})
+            for rid, row in zip(rep.req_ids, rep.counts):
+                acc = rows.get(rid, np.zeros(0, dtype=np.int64))
+                out = np.zeros(max(len(acc), len(row)), dtype=np.int64)
+                out[: len(acc)] += acc
+                out[: len(row)] += row
+                rows[rid] = out
+        return SelectionReport(max(self.step, other.step), list(rows), _stack_counts(list(rows.values())))
+
+
+def _stack_counts(rows: list[np.ndarray]) -> np.ndarray:
+    """Rows of per-page counts (any lengths) as one [rows, pages] uint16 array, cut after the last
+    nonzero column (counts saturate at 65535: more (layer, KV head) pairs than any model has)."""
+    width = max((int(np.flatnonzero(r)[-1]) + 1 for r in rows if r.any()), default=0)
+    out = np.zeros((len(rows), width), dtype=np.uint16)
+    for i, r in enumerate(rows):
+        n = min(width, len(r))
+        out[i, :n] = np.minimum(r[:n], 65535)
+    return out
 
 
 class SparseKVOffloadConnector(KVConnectorBase_V1):
@@ -113,8 +131,8 @@ class SparseKVOffloadConnector(KVConnectorBase_V1):
             self.worker_side.apply(kv_connector_metadata)
 
     def build_connector_worker_meta(self) -> SelectionReport | None:
-        step, selected, counts = self.worker_side.take_selection()
-        return SelectionReport(step, selected, counts) if selected else None
+        step, req_ids, counts = self.worker_side.take_selection()
+        return SelectionReport(step, req_ids, _stack_counts(list(counts))) if req_ids else None
 
     def start_load_kv(self, forward_context, **kwargs) -> None:
         pass
@@ -245,12 +263,12 @@ class _SchedulerSide:
         self.restart[rid] = self.step + 1  # reports up to the step being scheduled are stale
 
     def observe(self, report: SelectionReport) -> None:
-        for rid, pages in report.selected.items():
+        for rid, pages, counts in report.items():
             if rid in self.requests and report.step > self.restart.get(rid, 0):
                 self.decoding.add(rid)
-                self.policy.observe(rid, pages, report.step, report.counts.get(rid))
+                self.policy.observe(rid, pages, report.step, counts)
                 if self.recall is not None:
-                    self.recall.note(rid, self.passive.get(rid, {}).keys() & pages, report.step)
+                    self.recall.note(rid, self.passive.get(rid, {}).keys() & pages.tolist(), report.step)
 
     def finished(self, rid: str) -> None:
         self._release(rid)

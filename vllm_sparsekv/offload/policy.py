@@ -43,19 +43,28 @@ class LRUPolicy:
     to the older page. Always moves `count` pages (memory pressure plays no part)."""
 
     def __init__(self) -> None:
-        self.last: dict[str, dict[int, int]] = {}
+        self.last: dict[str, np.ndarray] = {}  # request -> per page, the last step it was selected
 
     @classmethod
     def from_config(cls, offload) -> LRUPolicy:
         return cls()
 
+    def _steps(self, req_id: str, pages: int) -> np.ndarray:
+        last = self.last.get(req_id, np.zeros(0, dtype=np.int64))
+        if len(last) < pages:
+            last = self.last[req_id] = np.concatenate([last, np.full(pages - len(last), -1, dtype=np.int64)])
+        return last
+
     def observe(self, req_id: str, pages: Iterable[int], step: int, counts: Sequence[int] | None = None) -> None:
-        self.last.setdefault(req_id, {}).update(dict.fromkeys(pages, step))
+        pages = np.asarray(pages, dtype=np.int64)
+        if len(pages):
+            self._steps(req_id, int(pages.max()) + 1)[pages] = step
 
     def choose(self, req_id: str, candidates: list[int], count: int, num_pages: int = 0,
                free_share: float = 0.0) -> list[int]:
-        seen = self.last.get(req_id, {})
-        return sorted(candidates, key=lambda p: (seen.get(p, -1), p))[:max(0, count)]
+        cand = np.asarray(candidates, dtype=np.int64)
+        last = self._steps(req_id, int(cand.max()) + 1 if len(cand) else 0)[cand]
+        return cand[np.lexsort((cand, last))][: max(0, count)].tolist()
 
     def forget(self, req_id: str) -> None:
         self.last.pop(req_id, None)
@@ -96,7 +105,7 @@ class PageHistory:
         return st
 
     def observe(self, req_id: str, pages: Sequence[int], counts: Sequence[int] | None = None) -> None:
-        pages = np.asarray(list(pages), dtype=np.int64)
+        pages = np.asarray(pages, dtype=np.int64)
         st = self._state(req_id, int(pages.max()) + 1 if len(pages) else 0)
         sel = np.zeros(len(st["sel"]))
         share = np.zeros(len(st["sel"]))
@@ -175,7 +184,7 @@ class ATSKVPolicy:
         return cls(w, b, offload.threshold_beta, offload.free_target)
 
     def observe(self, req_id: str, pages: Iterable[int], step: int, counts: Sequence[int] | None = None) -> None:
-        self.history.observe(req_id, list(pages), counts)
+        self.history.observe(req_id, pages, counts)
 
     def relevance(self, req_id: str, pages: Sequence[int], num_pages: int) -> np.ndarray:
         return 1.0 / (1.0 + np.exp(-(self.history.features(req_id, pages, num_pages) @ self.w + self.b)))

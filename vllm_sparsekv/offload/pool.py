@@ -7,7 +7,6 @@ before it frees a block); the worker side owns the memory (`HostPool`). Both siz
 
 from __future__ import annotations
 
-import heapq
 import math
 import weakref
 
@@ -20,23 +19,29 @@ def num_slots(cpu_bytes: int, page_bytes: int, num_layers: int) -> int:
 
 
 class SlotAllocator:
-    """Free host slots (scheduler side). Lowest slot first, so runs are reproducible; a heap, so
-    that a step costs what it takes and gives back, not the pool's size."""
+    """Free host slots (scheduler side). Lowest slot first, so runs are reproducible. Slots given
+    back are sorted in at the next `take`, once: a step that gives back none costs nothing, and a
+    burst of takes pops a sorted stack."""
 
     def __init__(self, slots: int):
         self.capacity = slots
-        self._free = list(range(slots))  # sorted: a heap already
+        self._free = list(range(slots - 1, -1, -1))  # descending: the lowest pops first
+        self._unsorted = False
 
     @property
     def num_free(self) -> int:
         return len(self._free)
 
     def take(self) -> int:
-        return heapq.heappop(self._free)
+        if self._unsorted:
+            self._free.sort(reverse=True)
+            self._unsorted = False
+        return self._free.pop()
 
     def give_back(self, slots) -> None:
-        for s in slots:
-            heapq.heappush(self._free, s)
+        n = len(self._free)
+        self._free.extend(slots)
+        self._unsorted = self._unsorted or len(self._free) > n
 
 
 def host_memory(nbytes: int, pinned: bool) -> torch.Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 
 from vllm_sparsekv import stats
@@ -202,20 +203,16 @@ class OffloadStore:
             stats.bump("host_page_reads", reads)
             stats.bump("host_read_bytes", reads * pages[0].numel() * pages.element_size() // self._kv_heads)
 
-    def take_selection(self) -> tuple[int, dict[str, list[int]], dict[str, list[int]]]:
-        """(step, request -> selected pages, request -> their (layer, KV head) selection counts) of
-        the step just run (after its decode), then cleared."""
+    def take_selection(self) -> tuple[int, list[str], np.ndarray]:
+        """(step, the decoding requests, their per-page (layer, KV head) selection counts [requests,
+        pages]) of the step just run (after its decode), then cleared."""
         sel, self._selected = self._selected, None
         if sel is None:
-            return self.step, {}, {}
+            return self.step, [], np.zeros((0, 0), dtype=np.int32)
         self._count_host_reads()
-        rows = sel[:, :-1].cpu()
-        pages, counts = {}, {}
-        for i, r in enumerate(self.row_reqs):
-            if r is not None:
-                nz = rows[i].nonzero().flatten()
-                pages[r], counts[r] = nz.tolist(), rows[i, nz].tolist()
-        return self.step, pages, counts
+        rows = [i for i, r in enumerate(self.row_reqs) if r is not None]
+        counts = sel[:, :-1].cpu().numpy()[rows]
+        return self.step, [self.row_reqs[i] for i in rows], counts
 
 
 def _point(row: torch.Tensor, where: dict[int, int], offset: int) -> torch.Tensor:
