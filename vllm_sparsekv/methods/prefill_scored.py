@@ -25,24 +25,37 @@ def window_attention(queries: torch.Tensor, key_cache: torch.Tensor, block_row: 
     seq_len-1) over its keys, summed over the queries: [Hq, seq_len] float32.
 
     queries [w, Hq, D]; key_cache [B, bs, Hkv, D] (strided view); block_row [max_blocks] int.
-    Keys are gathered once per KEY_CHUNK; queries go QUERY_CHUNK at a time."""
+    Two passes over the keys, KEY_CHUNK at a time, for each QUERY_CHUNK of queries: the softmax's
+    row max and sum, then the probabilities. Nothing of the prompt's length is held but the output,
+    so a 128K prompt's side pass takes tens of MB, not the GBs of a [heads, queries, keys] matrix."""
     w, hq, d = queries.shape
     bs, hkv = key_cache.shape[1], key_cache.shape[2]
     g = hq // hkv
     dev = queries.device
-    keys = []
-    for start in range(0, seq_len, KEY_CHUNK):
-        pos = torch.arange(start, min(seq_len, start + KEY_CHUNK), device=dev)
-        keys.append(key_cache[block_row[pos // bs].long(), pos % bs].float().transpose(0, 1))  # [Hkv, L, D]
-    kpos = torch.arange(seq_len, device=dev)
     total = torch.zeros(hkv, g, seq_len, dtype=torch.float32, device=dev)
+    starts = range(0, seq_len, KEY_CHUNK)
     for q0 in range(0, w, QUERY_CHUNK):
         q1 = min(w, q0 + QUERY_CHUNK)
         q = queries[q0:q1].float().permute(1, 0, 2).reshape(hkv, g * (q1 - q0), d)  # rows (g, i)
         qpos = torch.arange(seq_len - w + q0, seq_len - w + q1, device=dev).repeat(g)
-        logits = torch.cat([torch.bmm(q, k.transpose(1, 2)) for k in keys], dim=-1) * scale
-        logits.masked_fill_(kpos[None, None, :] > qpos[None, :, None], float("-inf"))
-        total += torch.softmax(logits, dim=-1).view(hkv, g, q1 - q0, seq_len).sum(2)
+
+        def logits(k0: int) -> torch.Tensor:  # [Hkv, rows, keys of the chunk], masked causally
+            pos = torch.arange(k0, min(seq_len, k0 + KEY_CHUNK), device=dev)
+            k = key_cache[block_row[pos // bs].long(), pos % bs].float().transpose(0, 1)  # [Hkv, c, D]
+            x = torch.bmm(q, k.transpose(1, 2)) * scale
+            return x.masked_fill_(pos[None, None, :] > qpos[None, :, None], float("-inf"))
+
+        # every row sees key 0, so the first chunk makes its max finite
+        m = torch.full((hkv, q.shape[1], 1), float("-inf"), device=dev)
+        l = torch.zeros_like(m)
+        for k0 in starts:
+            x = logits(k0)
+            m_new = torch.maximum(m, x.amax(-1, keepdim=True))
+            l = l * torch.exp(m - m_new) + torch.exp(x - m_new).sum(-1, keepdim=True)
+            m = m_new
+        for k0 in starts:
+            p = torch.exp(logits(k0) - m) / l
+            total[:, :, k0 : k0 + p.shape[-1]] += p.view(hkv, g, q1 - q0, -1).sum(2)
     return total.reshape(hq, seq_len)
 
 
