@@ -624,10 +624,10 @@ def main(argv=None) -> int:
     p.add_argument("--iou-fractions", type=lambda x: [float(v) for v in csv(x)], default=[0.02, 0.05, 0.10])
     p.add_argument("--iou-steps", type=int, default=4)
     p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=32,
+    p.add_argument("--max-new-tokens", type=int, default=64,
                    help="cap on tokens generated per answer (a UUID needle, as niah_single_3 and niah_multikey_3 "
-                        "hide, is about 25 tokens after the answer's lead-in; the cap was 12 before, which cut "
-                        "those answers short for dense and sparse alike)")
+                        "hide, takes up to about 40 tokens with its lead-in: SmolLM2 spells digits one token each; "
+                        "the cap was 12, then 32, and both cut those answers short for dense and sparse alike)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")),
                    help="torch threads; 1 is ~10x faster than 2 for the decode steps on a shared 2-core box")
     p.add_argument("--haystack", default=None)
